@@ -1,0 +1,41 @@
+"""TensorBoard logging: scalars, hparams in the same run, and the resolved config as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+
+class TensorBoardLogger:
+    """Thin wrapper over ``SummaryWriter`` writing into ``<run_dir>/tb``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Log each ``tag: value`` at ``step``."""
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        """Log markdown text (TensorBoard renders it in the Text tab)."""
+        self.writer.add_text(tag, markdown, step)
+
+    def hparams(self, params: dict[str, object], final_metrics: dict[str, float]) -> None:
+        """Record hyper-parameters and final metrics into this same run (not a sub-run).
+
+        The metrics are also written as scalars under the same tags so the HParams tab finds them.
+        """
+        clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in params.items()}
+        experiment, session_start, session_end = hparams(clean, final_metrics)
+        for summary in (experiment, session_start, session_end):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in final_metrics.items():
+            self.writer.add_scalar(tag, value, 0)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.flush()
+        self.writer.close()

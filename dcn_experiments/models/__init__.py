@@ -1,0 +1,7 @@
+"""Models and the convolution factory. Importing this package registers every model and conv."""
+
+from dcn_experiments.models import resnet, unet  # noqa: F401 - registers the models
+from dcn_experiments.models.conv import CONVS, ConvFactory, DeformConv2d, deformable_layers, offset_parameters
+from dcn_experiments.models.registry import MODELS
+
+__all__ = ["CONVS", "MODELS", "ConvFactory", "DeformConv2d", "deformable_layers", "offset_parameters"]

@@ -1,0 +1,28 @@
+"""Hydra callback: write the comparison report into the sweep folder when a multirun ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from dcn_experiments.errors import UserError
+from dcn_experiments.report.compare import REPORT_FILE, write_report
+
+log = logging.getLogger("dcn_experiments.report")
+
+
+class ComparisonReportCallback(Callback):
+    """On multirun end: ``report.md`` + plots in ``hydra.sweep.dir``; the table is also logged."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            text = write_report(sweep_dir)
+        except UserError as error:
+            log.warning("no comparison report: %s", error)
+            return
+        log.info("comparison report: %s\n\n%s", sweep_dir / REPORT_FILE, text)

@@ -1,0 +1,138 @@
+"""``dcn-train``: compose data, model, task and engine from the Hydra config, train, record.
+
+``train(cfg)`` is plain Python (tests call it); ``main`` is the Hydra entry point and returns the
+final validation metric so that sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dcn_experiments.cli import exit_on_user_error
+from dcn_experiments.data import DATASETS, make_loader
+from dcn_experiments.engine import (
+    RUN_METRICS_FILE,
+    TensorBoardLogger,
+    Trainer,
+    TrainerSettings,
+    build_optimizer,
+    build_schedule,
+    resolve_device,
+    summarize_run,
+    write_json_atomic,
+)
+from dcn_experiments.engine.trainer import batch_limit
+from dcn_experiments.errors import ConfigError
+from dcn_experiments.models import CONVS, MODELS, deformable_layers
+from dcn_experiments.ops import cpu_extension_available
+from dcn_experiments.tasks import TASKS
+
+log = logging.getLogger("dcn_experiments")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _options(node: DictConfig, *drop: str) -> dict[str, Any]:
+    """A config group node as builder kwargs (without its ``name`` and the keys in ``drop``)."""
+    options = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in options.items() if k not in {"name", *drop}}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one model as configured, writing metrics.json, tb/ and checkpoints/ into ``run_dir``."""
+    device = resolve_device(cfg.device.name)
+    seed_everything(cfg.seed)
+    task_name = MODELS.meta(cfg.model.name)["task"]
+    served = DATASETS.meta(cfg.dataset.name)["tasks"]
+    if task_name not in served:
+        raise ConfigError(
+            f"model={cfg.model.name} does {task_name}, but dataset={cfg.dataset.name} provides "
+            f"{' and '.join(served)} only; pick a {task_name} dataset or a model for {served[0]}"
+        )
+    data_cfg = _options(cfg.dataset, "batch_size", "num_workers")
+    if data_cfg.get("root"):
+        data_cfg["root"] = hydra.utils.to_absolute_path(os.path.expanduser(data_cfg["root"]))
+    data = DATASETS.build(cfg.dataset.name, task=task_name, seed=cfg.seed, **data_cfg)
+    conv_cfg = _options(cfg.conv)
+    model = MODELS.build(cfg.model.name, num_classes=data.num_classes, conv=CONVS.build(cfg.conv.name, **conv_cfg),
+                         **_options(cfg.model)).to(device)  # fmt: skip
+    if device.type == "cpu" and any(True for _ in deformable_layers(model)):
+        cpu_extension_available()  # build the C++ kernel now, not inside the first timed epoch
+    task = TASKS.build(task_name, num_classes=data.num_classes, ignore_index=data.ignore_index,
+                       class_names=data.class_names)  # fmt: skip
+
+    loader_args = {"batch_size": cfg.dataset.batch_size, "num_workers": cfg.dataset.num_workers, "seed": cfg.seed,
+                   "device": device}  # fmt: skip
+    train_loader = make_loader(data.train, shuffle=True, name="train", **loader_args)
+    val_loader = make_loader(data.val, shuffle=False, name="validation", **loader_args)
+    t = cfg.trainer
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, t.momentum, cfg.conv.offset_lr_mult)
+    steps = t.epochs * batch_limit(t.limit_train_batches, len(train_loader), "trainer.limit_train_batches")
+    schedule = build_schedule(optimizer, t.schedule, steps, t.warmup_steps)
+    if t.epochs < 1:
+        raise ConfigError(f"trainer.epochs={t.epochs} must be >= 1")
+
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    identity = {"task": task_name, "model": cfg.model.name, "conv": cfg.conv.name, "dataset": cfg.dataset.name,
+                "seed": cfg.seed, "params": params, "device": device.type, "placement": cfg.conv.placement,
+                "conv_version": cfg.conv.version, "offset_lr_mult": cfg.conv.offset_lr_mult,
+                "deformable_layers": sum(1 for _ in deformable_layers(model))}  # fmt: skip
+    log.info("%s | %s conv (%d deformable layers) | %s | %d params | %s", cfg.model.name, cfg.conv.name,
+             identity["deformable_layers"], cfg.dataset.name, params, device)  # fmt: skip
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = TensorBoardLogger(run_dir / "tb")
+    logger.text("config", f"```yaml\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
+    settings = TrainerSettings(t.epochs, t.limit_train_batches, t.limit_val_batches, t.amp, t.amp_dtype, t.grad_clip,
+                               t.progress)  # fmt: skip
+    trainer = Trainer(model, task, optimizer, schedule, device, settings, logger, run_dir / "checkpoints" / "last.pt",
+                      {"config": resolved, "identity": identity})  # fmt: skip
+    try:
+        result = trainer.fit(train_loader, val_loader)
+        metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details)
+        metrics["diverged"] = result.diverged
+        write_json_atomic(run_dir / RUN_METRICS_FILE, metrics)
+        _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
+    finally:
+        logger.close()
+    return metrics
+
+
+def _log_final(logger: TensorBoardLogger, cfg: DictConfig, key: str, metrics: dict, class_names: list[str]) -> None:
+    hparams = {"model": cfg.model.name, "conv": cfg.conv.name, "dataset": cfg.dataset.name, "lr": cfg.trainer.lr,
+               "batch": cfg.dataset.batch_size, "seed": cfg.seed, "placement": cfg.conv.placement}  # fmt: skip
+    finals = {f"final/val_{key}": metrics[f"val_{key}"], "final/val_loss": metrics["val_loss"]}
+    logger.hparams(hparams, {k: float(v) for k, v in finals.items() if v is not None})
+    if "per_class_iou" in metrics:
+        rows = "\n".join(
+            f"| {name} | {'n/a' if iou is None else f'{iou:.4f}'} |" for name, iou in metrics["per_class_iou"].items()
+        )
+        logger.text("per_class_iou", f"| class | IoU |\n|---|---|\n{rows}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point: train one configuration, return its final validation metric."""
+    metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    key = "val_acc" if "val_acc" in metrics else "val_miou"
+    return float(metrics[key]) if metrics[key] is not None else float("nan")
+
+
+if __name__ == "__main__":
+    main()
