@@ -8,6 +8,7 @@ decorators run.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -54,8 +55,21 @@ class Registry(Mapping[str, Callable[..., Any]]):
         return self._meta[name]
 
     def build(self, name: str, /, **kwargs: Any) -> Any:
-        """Call the builder ``name`` with ``kwargs``, dropping ``None`` values so YAML can say null."""
-        return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+        """Call the builder ``name`` with ``kwargs``, dropping ``None`` values so YAML can say null.
+
+        Keys the builder does not take raise ``ConfigError`` naming them and the accepted keys.
+        """
+        builder = self.get(name)
+        parameters = inspect.signature(builder).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(kwargs) - set(parameters))
+            if unknown:
+                accepted = ", ".join(k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+                raise ConfigError(
+                    f"{self.kind}={name} does not take {', '.join(f'{self.kind}.{k}' for k in unknown)} "
+                    f"(accepted: {accepted}); remove it, or the experiment= config that sets it"
+                )
+        return builder(**{k: v for k, v in kwargs.items() if v is not None})
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
         return self.get(name)

@@ -70,15 +70,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         data_cfg["root"] = hydra.utils.to_absolute_path(os.path.expanduser(data_cfg["root"]))
     data = DATASETS.build(cfg.dataset.name, task=task_name, seed=cfg.seed, **data_cfg)
     conv_cfg = _options(cfg.conv)
-    model = MODELS.build(cfg.model.name, num_classes=data.num_classes, conv=CONVS.build(cfg.conv.name, **conv_cfg),
-                         **_options(cfg.model)).to(device)  # fmt: skip
+    model = MODELS.build(
+        cfg.model.name, num_classes=data.num_classes, conv=CONVS.build(cfg.conv.name, **conv_cfg), **_options(cfg.model)
+    ).to(device)
     if device.type == "cpu" and any(True for _ in deformable_layers(model)):
         cpu_extension_available()  # build the C++ kernel now, not inside the first timed epoch
-    task = TASKS.build(task_name, num_classes=data.num_classes, ignore_index=data.ignore_index,
-                       class_names=data.class_names)  # fmt: skip
+    task = TASKS.build(
+        task_name, num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names
+    )
 
-    loader_args = {"batch_size": cfg.dataset.batch_size, "num_workers": cfg.dataset.num_workers, "seed": cfg.seed,
-                   "device": device}  # fmt: skip
+    loader_args = {
+        "batch_size": cfg.dataset.batch_size,
+        "num_workers": cfg.dataset.num_workers,
+        "seed": cfg.seed,
+        "device": device,
+    }
     train_loader = make_loader(data.train, shuffle=True, name="train", **loader_args)
     val_loader = make_loader(data.val, shuffle=False, name="validation", **loader_args)
     t = cfg.trainer
@@ -89,19 +95,45 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"trainer.epochs={t.epochs} must be >= 1")
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    identity = {"task": task_name, "model": cfg.model.name, "conv": cfg.conv.name, "dataset": cfg.dataset.name,
-                "seed": cfg.seed, "params": params, "device": device.type, "placement": cfg.conv.placement,
-                "conv_version": cfg.conv.version, "offset_lr_mult": cfg.conv.offset_lr_mult,
-                "deformable_layers": sum(1 for _ in deformable_layers(model))}  # fmt: skip
-    log.info("%s | %s conv (%d deformable layers) | %s | %d params | %s", cfg.model.name, cfg.conv.name,
-             identity["deformable_layers"], cfg.dataset.name, params, device)  # fmt: skip
+    identity = {
+        "task": task_name,
+        "model": cfg.model.name,
+        "conv": cfg.conv.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "params": params,
+        "device": device.type,
+        "placement": cfg.conv.placement,
+        "conv_version": cfg.conv.version,
+        "offset_lr_mult": cfg.conv.offset_lr_mult,
+        "deformable_layers": sum(1 for _ in deformable_layers(model)),
+    }
+    log.info(
+        "%s | %s conv (%d deformable layers) | %s | %d params | %s",
+        cfg.model.name,
+        cfg.conv.name,
+        identity["deformable_layers"],
+        cfg.dataset.name,
+        params,
+        device,
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = TensorBoardLogger(run_dir / "tb")
     logger.text("config", f"```yaml\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
-    settings = TrainerSettings(t.epochs, t.limit_train_batches, t.limit_val_batches, t.amp, t.amp_dtype, t.grad_clip,
-                               t.progress)  # fmt: skip
-    trainer = Trainer(model, task, optimizer, schedule, device, settings, logger, run_dir / "checkpoints" / "last.pt",
-                      {"config": resolved, "identity": identity})  # fmt: skip
+    settings = TrainerSettings(
+        t.epochs, t.limit_train_batches, t.limit_val_batches, t.amp, t.amp_dtype, t.grad_clip, t.progress
+    )
+    trainer = Trainer(
+        model,
+        task,
+        optimizer,
+        schedule,
+        device,
+        settings,
+        logger,
+        run_dir / "checkpoints" / "last.pt",
+        {"config": resolved, "identity": identity},
+    )
     try:
         result = trainer.fit(train_loader, val_loader)
         metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details)
@@ -114,8 +146,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _log_final(logger: TensorBoardLogger, cfg: DictConfig, key: str, metrics: dict, class_names: list[str]) -> None:
-    hparams = {"model": cfg.model.name, "conv": cfg.conv.name, "dataset": cfg.dataset.name, "lr": cfg.trainer.lr,
-               "batch": cfg.dataset.batch_size, "seed": cfg.seed, "placement": cfg.conv.placement}  # fmt: skip
+    hparams = {
+        "model": cfg.model.name,
+        "conv": cfg.conv.name,
+        "dataset": cfg.dataset.name,
+        "lr": cfg.trainer.lr,
+        "batch": cfg.dataset.batch_size,
+        "seed": cfg.seed,
+        "placement": cfg.conv.placement,
+    }
     finals = {f"final/val_{key}": metrics[f"val_{key}"], "final/val_loss": metrics["val_loss"]}
     logger.hparams(hparams, {k: float(v) for k, v in finals.items() if v is not None})
     if "per_class_iou" in metrics:

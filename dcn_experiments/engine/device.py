@@ -16,5 +16,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was requested but CUDA is not available on this machine; use device=cpu or device=auto")
+        raise ConfigError(
+            "device=cuda was requested but CUDA is not available on this machine; use device=cpu or device=auto"
+        )
     return torch.device(name)

@@ -13,8 +13,9 @@ from typing import Any
 RUN_METRICS_FILE = "metrics.json"
 
 
-def summarize_run(identity: dict[str, Any], epochs: list[dict[str, Any]], metric_key: str,
-                  details: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def summarize_run(
+    identity: dict[str, Any], epochs: list[dict[str, Any]], metric_key: str, details: dict[str, Any]
+) -> dict[str, Any]:
     """The metrics.json payload: identity fields, per-epoch history, final values at top level.
 
     ``epoch_time_s`` and ``train_throughput_img_s`` at top level are medians over epochs (robust

@@ -97,8 +97,14 @@ class Trainer:
 
     def _progress(self, iterable: Iterable, total: int, desc: str) -> tqdm:
         # disable=None: quiet when stderr is not a terminal (CI, log files)
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    disable=None if self.settings.progress else True)  # fmt: skip
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if self.settings.progress else True,
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -138,8 +144,11 @@ class Trainer:
             step_time += now - loaded
             tick = now
             if bar.n % 10 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss.item():.3f}", data_ms=f"{1e3 * data_time / (bar.n + 1):.0f}",
-                                step_ms=f"{1e3 * step_time / (bar.n + 1):.0f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    data_ms=f"{1e3 * data_time / (bar.n + 1):.0f}",
+                    step_ms=f"{1e3 * step_time / (bar.n + 1):.0f}",
+                )
         self._sync()
         elapsed = time.perf_counter() - start
         bar.close()
@@ -206,11 +215,21 @@ class Trainer:
             self._save(epoch, best)
             log.info(
                 "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs  %.0f img/s",
-                epoch, self.settings.epochs, record["train_loss"], key, record[f"train_{key}"], record["val_loss"],
-                key, record[f"val_{key}"], record["epoch_time_s"], record["train_throughput_img_s"],
-            )  # fmt: skip
+                epoch,
+                self.settings.epochs,
+                record["train_loss"],
+                key,
+                record[f"train_{key}"],
+                record["val_loss"],
+                key,
+                record[f"val_{key}"],
+                record["epoch_time_s"],
+                record["train_throughput_img_s"],
+            )
             if not math.isfinite(record["train_loss"]):
-                log.error("training diverged (non-finite loss) in epoch %d; stopping this run. Lower trainer.lr.", epoch)
+                log.error(
+                    "training diverged (non-finite loss) in epoch %d; stopping this run. Lower trainer.lr.", epoch
+                )
                 result.diverged = True
                 break
         return result

@@ -153,9 +153,15 @@ class ConvFactory:
         padding = kernel_size // 2 if padding is None else padding
         if self.is_deformable_site(core):
             return DeformConv2d(
-                in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
-                version=self.version, offset_groups=self.offset_groups,
-            )  # fmt: skip
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                bias=bias,
+                version=self.version,
+                offset_groups=self.offset_groups,
+            )
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
 
 

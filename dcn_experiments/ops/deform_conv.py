@@ -61,7 +61,7 @@ def _load_cpu_extension() -> bool:
                 verbose=False,
             )
             _extension_state["loaded"] = True
-        except Exception as error:  # noqa: BLE001 - any build failure falls back, with a warning
+        except Exception as error:
             warnings.warn(
                 "dcn_experiments: could not build the C++ deformable-conv kernel "
                 f"({type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
@@ -102,9 +102,7 @@ def _check_arguments(
     n, c, h, w = input.shape
     out_c, c_per_group, kh, kw = weight.shape
     if c_per_group == 0 or c % c_per_group != 0:
-        raise RuntimeError(
-            f"deform_conv2d: input channels ({c}) must be divisible by weight.shape[1] ({c_per_group})"
-        )
+        raise RuntimeError(f"deform_conv2d: input channels ({c}) must be divisible by weight.shape[1] ({c_per_group})")
     groups = c // c_per_group
     if out_c % groups != 0:
         raise RuntimeError(f"deform_conv2d: weight.shape[0] ({out_c}) must be divisible by the groups ({groups})")
@@ -131,15 +129,15 @@ def _check_arguments(
         )
     if tuple(offset.shape[2:]) != (out_h, out_w):
         raise RuntimeError(
-            f"deform_conv2d: offset spatial size {tuple(offset.shape[2:])} must equal the output size "
-            f"{(out_h, out_w)}"
+            f"deform_conv2d: offset spatial size {tuple(offset.shape[2:])} must equal the output size {(out_h, out_w)}"
         )
-    if mask is not None:
-        if mask.shape[0] != n or mask.shape[1] != offset_groups * taps or tuple(mask.shape[2:]) != (out_h, out_w):
-            raise RuntimeError(
-                f"deform_conv2d: mask shape {tuple(mask.shape)} must be "
-                f"{(n, offset_groups * taps, out_h, out_w)} (batch, offset_groups * kh * kw, out_h, out_w)"
-            )
+    if mask is not None and (
+        mask.shape[0] != n or mask.shape[1] != offset_groups * taps or tuple(mask.shape[2:]) != (out_h, out_w)
+    ):
+        raise RuntimeError(
+            f"deform_conv2d: mask shape {tuple(mask.shape)} must be "
+            f"{(n, offset_groups * taps, out_h, out_w)} (batch, offset_groups * kh * kw, out_h, out_w)"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_c):
         raise RuntimeError(f"deform_conv2d: bias must have shape ({out_c},), got {tuple(bias.shape)}")
     return offset_groups
@@ -202,28 +200,52 @@ class _DeformConv2dCPU(torch.autograd.Function):
     """Autograd wrapper around the C++ CPU forward/backward kernels."""
 
     @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, offset_groups):  # noqa: ANN001
+    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, offset_groups):
         ctx.geometry = (stride, padding, dilation, offset_groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, offset, weight, mask)
         return torch.ops.dcn_experiments_cpu.deform_conv2d_forward(
-            input, weight, bias, offset, mask, stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1], offset_groups,
-        )  # fmt: skip
+            input,
+            weight,
+            bias,
+            offset,
+            mask,
+            stride[0],
+            stride[1],
+            padding[0],
+            padding[1],
+            dilation[0],
+            dilation[1],
+            offset_groups,
+        )
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # noqa: ANN001
+    def backward(ctx, grad_out):
         input, offset, weight, mask = ctx.saved_tensors
         stride, padding, dilation, offset_groups = ctx.geometry
         need = ctx.needs_input_grad
         grad_input, grad_offset, grad_mask, grad_weight, grad_bias = (
             torch.ops.dcn_experiments_cpu.deform_conv2d_backward(
-                grad_out, input, weight, offset, mask, stride[0], stride[1], padding[0], padding[1],
-                dilation[0], dilation[1], offset_groups,
-                need[0], need[1], need[4] and mask is not None, need[2], need[3] and ctx.has_bias,
+                grad_out,
+                input,
+                weight,
+                offset,
+                mask,
+                stride[0],
+                stride[1],
+                padding[0],
+                padding[1],
+                dilation[0],
+                dilation[1],
+                offset_groups,
+                need[0],
+                need[1],
+                need[4] and mask is not None,
+                need[2],
+                need[3] and ctx.has_bias,
             )
-        )  # fmt: skip
+        )
         return (
             grad_input if need[0] else None,
             grad_offset if need[1] else None,
@@ -240,7 +262,7 @@ class _DeformConv2dCPU(torch.autograd.Function):
 def _torchvision_deform_conv2d() -> object | None:
     try:
         from torchvision.ops import deform_conv2d as tv_deform_conv2d
-    except Exception:  # noqa: BLE001 - torchvision without compiled ops
+    except Exception:
         return None
     return tv_deform_conv2d
 

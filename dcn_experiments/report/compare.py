@@ -55,19 +55,27 @@ def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if run.get("conv") != "deformable" or base is None:
             continue
         key = metric_key(run)
+
         def ratio(a: Any, b: Any) -> float:
             return a / b if a is not None and b else math.nan
+
         pairs.append(
             {
-                "model": run.get("model"), "dataset": run.get("dataset"), "seed": run.get("seed"),
-                "placement": run.get("placement"), "metric": key,
-                "regular": base.get(key), "deformable": run.get(key),
-                "delta": (run.get(key) - base.get(key)) if run.get(key) is not None and base.get(key) is not None else math.nan,
+                "model": run.get("model"),
+                "dataset": run.get("dataset"),
+                "seed": run.get("seed"),
+                "placement": run.get("placement"),
+                "metric": key,
+                "regular": base.get(key),
+                "deformable": run.get(key),
+                "delta": (run.get(key) - base.get(key))
+                if run.get(key) is not None and base.get(key) is not None
+                else math.nan,
                 "time_ratio": ratio(run.get("epoch_time_s"), base.get("epoch_time_s")),
                 "throughput_ratio": ratio(run.get("train_throughput_img_s"), base.get("train_throughput_img_s")),
                 "params_ratio": ratio(run.get("params"), base.get("params")),
             }
-        )  # fmt: skip
+        )
     return pairs
 
 
@@ -75,7 +83,7 @@ def render_markdown(runs: list[dict[str, Any]], plots: list[str]) -> str:
     """The report text: runs table, ratios table, plot links."""
     lines = ["# Regular vs deformable convolutions", ""]
     lines += [
-        "| run | model | conv | placement | dataset | seed | params | val metric | value | val loss | epoch time (s) | throughput (img/s) |",
+        "| run | model | conv | placement | dataset | seed | params | val metric | value | val loss | epoch time (s) | throughput (img/s) |",  # noqa: E501
         "|---|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for run in runs:
@@ -83,14 +91,15 @@ def render_markdown(runs: list[dict[str, Any]], plots: list[str]) -> str:
         lines.append(
             f"| {run['run_dir']} | {run.get('model')} | {run.get('conv')} | "
             f"{run.get('placement') if run.get('conv') == 'deformable' else '-'} | {run.get('dataset')} | "
-            f"{run.get('seed')} | {run.get('params', 0):,} | {key} | {_fmt(run.get(key))} | {_fmt(run.get('val_loss'))} | "
+            f"{run.get('seed')} | {run.get('params', 0):,} | {key} | {_fmt(run.get(key))} | "
+            f"{_fmt(run.get('val_loss'))} | "
             f"{_fmt(run.get('epoch_time_s'), 2)} | {_fmt(run.get('train_throughput_img_s'), 1)} |"
         )
     pairs = pair_ratios(runs)
     lines += ["", "## Deformable / regular", ""]
     if pairs:
         lines += [
-            "| model | dataset | seed | placement | metric | regular | deformable | delta | epoch time x | throughput x | params x |",
+            "| model | dataset | seed | placement | metric | regular | deformable | delta | epoch time x | throughput x | params x |",  # noqa: E501
             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for p in pairs:

@@ -33,7 +33,8 @@ class Segmentation:
         """Pixel accuracy and per-class IoU by class name (None where a class never occurs)."""
         result = metric.compute()
         per_class = {
-            name: (None if math.isnan(v) else v) for name, v in zip(self.class_names, result["per_class_iou"], strict=True)
+            name: (None if math.isnan(v) else v)
+            for name, v in zip(self.class_names, result["per_class_iou"], strict=True)
         }
         return {"pixel_acc": result["pixel_acc"], "per_class_iou": per_class}
 

@@ -1,0 +1,76 @@
+"""Shared fixtures: composing real configs and running the real CLI into tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+SHARED_DATA = REPO.parent / "shared" / "data"
+# Shrinks any run to seconds without experiment=smoke (whose keys are shapes-specific).
+FAST = (
+    "trainer.epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "model.width=8",
+    "dataset.batch_size=4",
+    "trainer.progress=false",
+)
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Compose ``conf/train.yaml`` with overrides, as Hydra would for the CLI."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def shared_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the whole session, so rendered shapes are reused across CLI tests."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def run_cli(shared_data_root: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m dcn_experiments.train ARGS`` (or another module) in ``tmp_path``."""
+
+    def _run(*args: str, module: str = "dcn_experiments.train", timeout: int = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DCN_DATA_ROOT": str(shared_data_root), "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    return _run
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, no traceback, one ``error:`` line mentioning each fragment."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

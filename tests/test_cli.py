@@ -1,0 +1,232 @@
+"""End to end through the real CLI in a subprocess: outputs, multirun report, and user errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from .conftest import FAST, SHARED_DATA, assert_one_line_error
+from .test_cifar_imagefolder import write_fake_cifar10
+
+EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "epoch_time_s", "train_throughput_img_s"}
+
+
+def _tags(run_dir: Path) -> dict[str, list[str]]:
+    tags: dict[str, set[str]] = {"scalars": set(), "tensors": set()}
+    for events in (run_dir / "tb").glob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    return {k: sorted(v) for k, v in tags.items()}
+
+
+def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("experiment=smoke", "conv=deformable", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in (
+        "task",
+        "model",
+        "conv",
+        "dataset",
+        "seed",
+        "params",
+        "epochs",
+        "val_acc",
+        "val_loss",
+        "epoch_time_s",
+        "train_throughput_img_s",
+    ):
+        assert key in metrics, key
+    assert (metrics["task"], metrics["model"], metrics["conv"], metrics["dataset"]) == (
+        "classification",
+        "resnet34",
+        "deformable",
+        "shapes",
+    )
+    assert len(metrics["epochs"]) == 2 and EPOCH_KEYS | {"train_acc", "val_acc"} <= metrics["epochs"][-1].keys()
+    assert metrics["params"] > 0 and metrics["epochs"][-1]["offset_abs_mean"] >= 0
+    tags = _tags(run_dir)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "time/throughput_img_s"):
+        assert tag in tags["scalars"], tag
+    assert any(t.startswith("offsets/") and t.endswith("/abs_max") for t in tags["scalars"])
+    assert any(t.startswith("config") for t in tags["tensors"])  # resolved config as text
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["conv"]["name"] == "deformable"
+    assert {"model", "optimizer", "scheduler", "step", "best_metric"} <= checkpoint.keys()
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert "Traceback" not in result.stderr
+
+
+def test_smoke_segmentation_writes_miou(run_cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "seg"
+    result = run_cli("experiment=smoke_seg", "conv=deformable", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and metrics["model"] == "unet"
+    assert 0 <= metrics["val_miou"] <= 1 and "pixel_acc" in metrics
+    assert set(metrics["per_class_iou"]) == {
+        "background",
+        "circle",
+        "square",
+        "triangle",
+        "hexagon",
+        "star",
+        "cross",
+        "ring",
+        "crescent",
+    }
+    assert {"train_miou", "val_miou"} <= metrics["epochs"][-1].keys()
+    tags = _tags(run_dir)
+    assert {"train/miou", "val/miou", "val/loss"} <= set(tags["scalars"])
+    assert any(t.startswith("per_class_iou") for t in tags["tensors"])
+
+
+def test_multirun_writes_report_and_dcn_report_regenerates_it(run_cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "conv=regular,deformable", "experiment=smoke", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    report = (sweep / "report.md").read_text()
+    assert "| resnet34 | regular |" in report and "| resnet34 | deformable |" in report
+    assert "## Deformable / regular" in report and "epoch time x" in report
+    assert (sweep / "curves.png").is_file() and (sweep / "cost.png").is_file()
+    (sweep / "report.md").unlink()
+    regenerated = run_cli(str(sweep), module="dcn_experiments.report.cli")
+    assert regenerated.returncode == 0, regenerated.stderr
+    assert (sweep / "report.md").read_text() == report
+    assert "| resnet34 | deformable |" in regenerated.stdout
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    script = shutil.which("dcn-train", path=str(Path(sys.executable).parent)) or shutil.which("dcn-train")
+    assert script, "dcn-train is not installed; pip install -e ."
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "model: resnet34, unet" in result.stdout and "conv: deformable, regular" in result.stdout
+
+
+def test_unknown_config_option_fails_with_hydra_message(run_cli, tmp_path: Path) -> None:
+    result = run_cli("model=resnet99", f"hydra.run.dir={tmp_path / 'r'}")
+    assert result.returncode != 0
+    assert "Could not find 'model/resnet99'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
+def test_device_cuda_without_cuda(run_cli, tmp_path: Path) -> None:
+    result = run_cli("experiment=smoke", "device=cuda", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, "device=cuda", "CUDA is not available")
+    assert result.returncode == 2
+
+
+def test_cifar10_missing_offline(run_cli, tmp_path: Path) -> None:
+    missing = tmp_path / "no-cifar"
+    result = run_cli(*FAST, "dataset=cifar10", f"dataset.root={missing}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, str(missing / "cifar-10-batches-py"), "dataset.download=true")
+
+
+def test_cifar10_from_official_batches_end_to_end(run_cli, tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path / "cifar", per_batch=8)
+    run_dir = tmp_path / "r"
+    result = run_cli(
+        *FAST,
+        "dataset=cifar10",
+        f"dataset.root={tmp_path / 'cifar'}",
+        "dataset.num_workers=0",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["dataset"] == "cifar10"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_imagefolder_missing_or_empty_root(run_cli, tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "images"
+    if kind == "empty":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+    result = run_cli(*FAST, "dataset=imagefolder", f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, str(root))
+
+
+def test_task_and_dataset_mismatch(run_cli, tmp_path: Path) -> None:
+    result = run_cli("model=unet", "dataset=cifar10", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, "model=unet does segmentation", "dataset=cifar10")
+
+
+def test_coco_root_missing(run_cli, tmp_path: Path) -> None:
+    result = run_cli(
+        *FAST, "model=unet", "dataset=coco", f"dataset.root={tmp_path / 'none'}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
+    assert_one_line_error(result, "dataset.root does not exist")
+
+
+def test_bad_trainer_value_is_one_line(run_cli, tmp_path: Path) -> None:
+    result = run_cli("experiment=smoke", "trainer.optimizer=rmsprop", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, "trainer.optimizer='rmsprop'", "adam")
+
+
+def test_experiment_keys_that_a_dataset_does_not_take(run_cli, tmp_path: Path) -> None:
+    result = run_cli("experiment=smoke", "dataset=cifar10", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, "dataset=cifar10 does not take dataset.", "train_size", "accepted:")
+
+
+def test_dcn_report_on_a_folder_without_runs(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli(str(tmp_path / "empty"), module="dcn_experiments.report.cli"), "no metrics.json")
+
+
+def test_errors_do_not_overwrite_existing_outputs(run_cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "keep"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"precious": true}')
+    result = run_cli(
+        "experiment=smoke",
+        "device=cuda" if not torch.cuda.is_available() else "dataset=imagefolder",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode != 0
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"precious": True}
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED_DATA / "coco-mini").is_dir(), reason="../shared/data/coco-mini absent")
+def test_real_coco_mini_end_to_end(run_cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "coco"
+    result = run_cli(
+        *FAST,
+        "model=unet",
+        "dataset=coco",
+        f"dataset.root={SHARED_DATA / 'coco-mini'}",
+        "dataset.image_size=64",
+        "dataset.categories=[person,car,dog]",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dataset"] == "coco" and set(metrics["per_class_iou"]) == {"background", "person", "car", "dog"}
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-subset").is_dir(), reason="../shared/data/cifar10-subset absent")
+def test_real_cifar10_subset_end_to_end(run_cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "cifar"
+    result = run_cli(
+        *FAST,
+        "dataset=imagefolder",
+        f"dataset.root={SHARED_DATA / 'cifar10-subset'}",
+        "dataset.val_split=test",
+        "dataset.num_workers=0",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["params"] > 0

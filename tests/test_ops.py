@@ -1,0 +1,143 @@
+"""deform_conv2d: parity with torchvision (values + all gradients), gradcheck, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.modules.utils import _pair
+
+from dcn_experiments.ops import cpu_extension_available, deform_conv2d, deform_conv2d_reference
+
+torchvision_ops = pytest.importorskip("torchvision.ops")
+
+# (batch, in_ch, out_ch, H, W, kernel, stride, padding, dilation, weight_groups, offset_groups, mask, offset_scale)
+CASES = {
+    "basic": (2, 4, 6, 7, 7, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "no_mask": (2, 4, 6, 7, 7, 3, 1, 1, 1, 1, 1, False, 1.0),
+    "groups": (3, 8, 6, 6, 5, 3, 1, 1, 1, 2, 4, True, 1.5),
+    "non_square_kernel": (2, 4, 4, 9, 8, (3, 2), 1, (1, 0), 1, 1, 2, True, 1.0),
+    "asymmetric": (1, 3, 5, 11, 9, 3, (2, 1), (0, 2), (1, 2), 1, 1, True, 1.0),
+    "odd_batch_strided": (5, 6, 4, 8, 8, 3, 2, 1, 1, 2, 3, True, 0.7),
+    "far_outside": (2, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 12.0),
+    "batch_0": (0, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "1x1": (2, 4, 4, 5, 5, 1, 1, 0, 1, 1, 1, True, 1.0),
+}
+
+
+def _inputs(case, dtype, seed=0, integer_offsets=False, noncontiguous=False):
+    n, c, o, h, w, k, s, p, d, g, og, use_mask, scale = case
+    k, s, p, d = _pair(k), _pair(s), _pair(p), _pair(d)
+    gen = torch.Generator().manual_seed(seed)
+    out_h = (h + 2 * p[0] - (d[0] * (k[0] - 1) + 1)) // s[0] + 1
+    out_w = (w + 2 * p[1] - (d[1] * (k[1] - 1) + 1)) // s[1] + 1
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    if noncontiguous:
+        x = torch.randn(n, c, w, h, generator=gen, dtype=dtype).transpose(2, 3)
+    offset = torch.randn(n, 2 * og * k[0] * k[1], out_h, out_w, generator=gen, dtype=dtype) * scale
+    if integer_offsets:  # exactly on pixel centres and on the image border
+        offset = offset.round().clamp(-2, 2)
+    mask = torch.rand(n, og * k[0] * k[1], out_h, out_w, generator=gen, dtype=dtype) if use_mask else None
+    weight = torch.randn(o, c // g, *k, generator=gen, dtype=dtype)
+    bias = torch.randn(o, generator=gen, dtype=dtype)
+    return x, offset, weight, bias, s, p, d, mask
+
+
+def _values_and_grads(fn, x, offset, weight, bias, s, p, d, mask):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, offset, weight, bias)]
+    mask_leaf = mask.detach().clone().requires_grad_() if mask is not None else None
+    out = fn(leaves[0], leaves[1], leaves[2], leaves[3], s, p, d, mask_leaf)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    grads = [t.grad for t in leaves] + ([mask_leaf.grad] if mask_leaf is not None else [])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torchvision(name: str, dtype: torch.dtype) -> None:
+    args = _inputs(CASES[name], dtype)
+    ours, our_grads = _values_and_grads(deform_conv2d, *args)
+    ref, ref_grads = _values_and_grads(torchvision_ops.deform_conv2d, *args)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(ours, ref, **tol)
+    assert len(our_grads) == len(ref_grads)
+    for label, a, b in zip(["input", "offset", "weight", "bias", "mask"], our_grads, ref_grads, strict=False):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, label=label: f"grad {label}: {m}")
+
+
+@pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel"])
+def test_integer_and_border_coordinates_match_torchvision(name: str) -> None:
+    args = _inputs(CASES[name], torch.float64, integer_offsets=True)
+    ours, our_grads = _values_and_grads(deform_conv2d, *args)
+    ref, ref_grads = _values_and_grads(torchvision_ops.deform_conv2d, *args)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(our_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_noncontiguous_inputs() -> None:
+    args = _inputs(CASES["groups"], torch.float64, noncontiguous=True)
+    assert not args[0].is_contiguous()
+    torch.testing.assert_close(deform_conv2d(*args[:4], *args[4:]), torchvision_ops.deform_conv2d(*args[:4], *args[4:]))
+
+
+@pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask"])
+def test_gradcheck_float64(name: str) -> None:
+    n, c, o, h, w, k, s, p, d, g, og, use_mask, scale = CASES[name]
+    small = (min(n, 2), c, o, min(h, 6), min(w, 6), k, s, p, d, g, og, use_mask, scale)
+    x, offset, weight, bias, s, p, d, mask = _inputs(small, torch.float64, seed=1)
+    tensors = [t.requires_grad_() for t in (x, offset, weight, bias)] + ([mask.requires_grad_()] if use_mask else [])
+
+    def fn(x, offset, weight, bias, mask=None):
+        return deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
+
+
+def test_reference_matches_torchvision() -> None:
+    args = _inputs(CASES["groups"], torch.float64)
+    ours, our_grads = _values_and_grads(deform_conv2d_reference, *args)
+    ref, ref_grads = _values_and_grads(torchvision_ops.deform_conv2d, *args)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(our_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_extension_is_built_here() -> None:
+    """CI machines have g++ and ninja: the fast kernel must be in use, not the fallback."""
+    assert cpu_extension_available()
+
+
+def test_int_and_tuple_arguments_agree() -> None:
+    x, offset, weight, bias, _, _, _, mask = _inputs(CASES["basic"], torch.float64)
+    torch.testing.assert_close(
+        deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask),
+        deform_conv2d(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), mask),
+    )
+
+
+def test_autocast_bfloat16_returns_input_dtype() -> None:
+    x, offset, weight, bias, s, p, d, mask = _inputs(CASES["basic"], torch.float32)
+    out = deform_conv2d(x.bfloat16(), offset.bfloat16(), weight, bias, s, p, d, mask.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), deform_conv2d(x, offset, weight, bias, s, p, d, mask), rtol=0.05, atol=0.2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"offset_channels": 17}, "offset tensor at dimension 1"),
+        ({"mask_channels": 5}, "mask shape"),
+        ({"weight_in": 3}, "divisible by weight.shape"),
+        ({"offset_size": 5}, "offset spatial size"),
+        ({"bias": 7}, "bias must have shape"),
+    ],
+)
+def test_invalid_arguments_raise_clear_errors(change: dict, message: str) -> None:
+    x = torch.randn(1, 4, 6, 6)
+    weight = torch.randn(4, change.get("weight_in", 4), 3, 3)
+    offset = torch.randn(1, change.get("offset_channels", 18), change.get("offset_size", 6), 6)
+    mask = torch.randn(1, change.get("mask_channels", 9), 6, 6)
+    bias = torch.randn(change.get("bias", 4))
+    with pytest.raises(RuntimeError, match=message):
+        deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
