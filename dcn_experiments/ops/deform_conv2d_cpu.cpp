@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -58,113 +59,99 @@ inline Corners<scalar_t> locate(scalar_t y, scalar_t x, int64_t height, int64_t 
   return c;
 }
 
-// Fill columns (rows = images [first, first+count) x out positions, cols = K x C) for one chunk.
-// offset: (N, L, G, K, 2), mask: (N, L, G, K) or undefined; input: (N, H, W, C).
+// Fill `rows` rows of columns, starting at global row `row0` (row = b * L + l), laid out
+// (row, K, C). offset: (N, L, G, K, 2), mask: (N, L, G, K) or null; input: (N, H, W, C).
 template <typename scalar_t>
-void sample_columns(const Geometry& g, const scalar_t* input, const scalar_t* offset,
-                    const scalar_t* mask, int64_t first, int64_t count, scalar_t* columns) {
+void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                 const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = g.channels_per_offset_group();
-  std::vector<scalar_t> zeros(C, scalar_t(0));
-  const scalar_t* zero = zeros.data();
-  at::parallel_for(0, count * L, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = first + row / L, l = row % L;
-      const int64_t oy = l / g.out_w, ox = l % g.out_w;
-      const scalar_t* image = input + b * g.height * g.width * C;
-      const scalar_t* off = offset + (b * L + l) * G * K * 2;
-      const scalar_t* msk = mask ? mask + (b * L + l) * G * K : nullptr;
-      scalar_t* dst_row = columns + row * K * C;
-      for (int64_t grp = 0; grp < G; ++grp) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-          const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
-          const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
-          const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
-          const Corners<scalar_t> c = locate(y, x, g.height, g.width);
-          const scalar_t* p[4];
-          scalar_t w[4];
-          for (int q = 0; q < 4; ++q) {
-            p[q] = c.index[q] >= 0 ? image + c.index[q] * C + grp * Cg : zero;
-            w[q] = c.weight[q] * m;
-          }
-          scalar_t* dst = dst_row + k * C + grp * Cg;
-          const scalar_t *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];
-          const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r, b = row / L, l = row % L;
+    const int64_t oy = l / g.out_w, ox = l % g.out_w;
+    const scalar_t* image = input + b * g.height * g.width * C;
+    const scalar_t* off = offset + row * G * K * 2;
+    const scalar_t* msk = mask ? mask + row * G * K : nullptr;
+    scalar_t* dst_row = columns + r * K * C;
+    for (int64_t grp = 0; grp < G; ++grp) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
+        const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
+        const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
+        const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
+        const Corners<scalar_t> c = locate(y, x, g.height, g.width);
+        // Corners outside the image read from a zero vector: no branches in the channel loop.
+        const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
+        const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
+        const scalar_t* p2 = c.index[2] >= 0 ? image + c.index[2] * C + grp * Cg : zero;
+        const scalar_t* p3 = c.index[3] >= 0 ? image + c.index[3] * C + grp * Cg : zero;
+        const scalar_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
+        scalar_t* __restrict__ dst = dst_row + k * C + grp * Cg;
 #pragma omp simd
-          for (int64_t ch = 0; ch < Cg; ++ch) {
-            dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
-          }
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
         }
       }
     }
-  });
+  }
 }
 
-// Scatter column gradients into the input gradient and reduce them into offset/mask gradients
-// for images [first, first+count). grad_columns has the same layout as the columns.
+// For `rows` rows starting at global row `row0`: scatter column gradients into the input gradient
+// and reduce them into offset/mask gradients. The caller owns the images these rows touch.
 template <typename scalar_t>
-void scatter_column_grads(const Geometry& g, const scalar_t* input, const scalar_t* offset,
-                          const scalar_t* mask, const scalar_t* grad_columns, int64_t first,
-                          int64_t count, scalar_t* grad_input, scalar_t* grad_offset,
-                          scalar_t* grad_mask) {
+void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                  const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
+                  scalar_t* grad_offset, scalar_t* grad_mask) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = g.channels_per_offset_group();
   const int64_t HW = g.height * g.width;
-  // Each image's input gradient is written by one thread only, so no atomics are needed.
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t b = first + bi;
-      const scalar_t* image = input + b * HW * C;
-      scalar_t* gimage = grad_input ? grad_input + b * HW * C : nullptr;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t oy = l / g.out_w, ox = l % g.out_w;
-        const scalar_t* off = offset + (b * L + l) * G * K * 2;
-        const scalar_t* msk = mask ? mask + (b * L + l) * G * K : nullptr;
-        const scalar_t* gcol_row = grad_columns + (bi * L + l) * K * C;
-        for (int64_t grp = 0; grp < G; ++grp) {
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-            const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
-            const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
-            const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
-            const Corners<scalar_t> c = locate(y, x, g.height, g.width);
-            const scalar_t* gc = gcol_row + k * C + grp * Cg;
-            scalar_t dots[4] = {0, 0, 0, 0};
-            if (grad_offset || grad_mask) {
-              for (int q = 0; q < 4; ++q) {
-                if (c.index[q] < 0) continue;
-                const scalar_t* v = image + c.index[q] * C + grp * Cg;
-                scalar_t s = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r, b = row / L, l = row % L;
+    const int64_t oy = l / g.out_w, ox = l % g.out_w;
+    const scalar_t* image = input + b * HW * C;
+    scalar_t* gimage = grad_input ? grad_input + b * HW * C : nullptr;
+    const scalar_t* off = offset + row * G * K * 2;
+    const scalar_t* msk = mask ? mask + row * G * K : nullptr;
+    const scalar_t* gcol_row = grad_columns + r * K * C;
+    for (int64_t grp = 0; grp < G; ++grp) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
+        const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
+        const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
+        const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
+        const Corners<scalar_t> c = locate(y, x, g.height, g.width);
+        const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
+        scalar_t dots[4] = {0, 0, 0, 0};
+        for (int q = 0; q < 4; ++q) {
+          if (c.index[q] < 0) continue;
+          const int64_t at = c.index[q] * C + grp * Cg;
+          if (grad_offset || grad_mask) {
+            const scalar_t* __restrict__ v = image + at;
+            scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
-                for (int64_t ch = 0; ch < Cg; ++ch) s += gc[ch] * v[ch];
-                dots[q] = s;
-              }
-            }
-            if (gimage) {
-              for (int q = 0; q < 4; ++q) {
-                if (c.index[q] < 0) continue;
-                const scalar_t wq = c.weight[q] * m;
-                scalar_t* dst = gimage + c.index[q] * C + grp * Cg;
-#pragma omp simd
-                for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
-              }
-            }
-            const int64_t slot = (b * L + l) * G * K + grp * K + k;
-            if (grad_offset) {
-              const scalar_t hy = 1 - c.ly, hx = 1 - c.lx;
-              grad_offset[slot * 2] = m * (hx * (dots[2] - dots[0]) + c.lx * (dots[3] - dots[1]));
-              grad_offset[slot * 2 + 1] = m * (hy * (dots[1] - dots[0]) + c.ly * (dots[3] - dots[2]));
-            }
-            if (grad_mask) {
-              grad_mask[slot] = c.weight[0] * dots[0] + c.weight[1] * dots[1] +
-                                c.weight[2] * dots[2] + c.weight[3] * dots[3];
-            }
+            for (int64_t ch = 0; ch < Cg; ++ch) s += gc[ch] * v[ch];
+            dots[q] = s;
           }
+          if (gimage) {
+            const scalar_t wq = c.weight[q] * m;
+            scalar_t* __restrict__ dst = gimage + at;
+#pragma omp simd
+            for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
+          }
+        }
+        const int64_t slot = row * G * K + grp * K + k;
+        if (grad_offset) {
+          const scalar_t hy = 1 - c.ly, hx = 1 - c.lx;
+          grad_offset[slot * 2] = m * (hx * (dots[2] - dots[0]) + c.lx * (dots[3] - dots[1]));
+          grad_offset[slot * 2 + 1] = m * (hy * (dots[1] - dots[0]) + c.ly * (dots[3] - dots[2]));
+        }
+        if (grad_mask) {
+          grad_mask[slot] =
+              c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] + c.weight[3] * dots[3];
         }
       }
     }
-  });
+  }
 }
 
 Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
@@ -191,29 +178,23 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const 
   return g;
 }
 
-// Images per chunk so that one chunk's columns stay near `budget` bytes.
-int64_t chunk_size(const Geometry& g, int64_t element_size) {
-  const int64_t budget = int64_t(64) << 20;
-  const int64_t per_image = std::max<int64_t>(1, g.out_size() * g.kernel_size() * g.channels * element_size);
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, budget / per_image));
+// Rows per block: about 1 MiB of columns (stays in L2 between sampling and the GEMM), but at
+// least 256 rows so that the weight matrix is streamed a few times only for wide layers.
+int64_t block_rows(const Geometry& g, int64_t element_size) {
+  const int64_t row_bytes = std::max<int64_t>(1, g.kernel_size() * g.channels * element_size);
+  return std::max<int64_t>(256, (int64_t(1) << 20) / row_bytes);
 }
 
-// Weight (O, C/g, kh, kw) as g matrices (g, K*C/g, O/g), matching the column layout (k, c).
+// Weight (O, C/g, kh, kw) as (g, O/g, K*C/g), matching the column layout (k, c) of each group.
 at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
   const int64_t O = weight.size(0), Cg = weight.size(1), K = weight.size(2) * weight.size(3);
-  return weight.view({groups, O / groups, Cg, K}).permute({0, 3, 2, 1}).reshape({groups, K * Cg, O / groups});
+  return weight.reshape({groups, O / groups, Cg, K}).transpose(2, 3).reshape({groups, O / groups, K * Cg});
 }
 
-// Columns (rows, K*C) as g matrices (g, rows, K*C/g).
+// Columns block (rows, K*C) as g contiguous matrices (g, rows, K*C/g); a view when g == 1.
 at::Tensor group_columns(const at::Tensor& columns, int64_t rows, int64_t K, int64_t C, int64_t groups) {
   if (groups == 1) return columns.view({1, rows, K * C});
   return columns.view({rows, K, groups, C / groups}).permute({2, 0, 1, 3}).reshape({groups, rows, K * (C / groups)});
-}
-
-// Inverse of group_columns: (g, rows, K*C/g) back to (rows, K*C).
-at::Tensor ungroup_columns(const at::Tensor& grouped, int64_t rows, int64_t K, int64_t C, int64_t groups) {
-  if (groups == 1) return grouped.view({rows, K * C});
-  return grouped.view({groups, rows, K, C / groups}).permute({1, 2, 0, 3}).reshape({rows, K * C});
 }
 
 at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contiguous (N, H, W, C)
@@ -230,6 +211,17 @@ at::Tensor mask_by_position(const at::Tensor& mask, int64_t G, int64_t K) {
   return mask.reshape({N, G, K, L}).permute({0, 3, 1, 2}).contiguous();
 }
 
+// Run `body(row0, rows, thread_scratch_index)` over blocks of rows, with whole images per thread
+// (so scatters into an image never race) and blocks inside a thread spanning image boundaries.
+template <typename Body>
+void for_each_block(const Geometry& g, int64_t block, const Body& body) {
+  const int64_t L = g.out_size();
+  at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+    const int64_t end = b_end * L;
+    for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
+  });
+}
+
 at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& offset_,
                                  const c10::optional<at::Tensor>& mask_, int64_t stride_h,
@@ -238,34 +230,34 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h,
                                    dil_w, offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
-  const int64_t groups = g.weight_groups;
+  const int64_t groups = g.weight_groups, Og = O / groups;
   auto out = at::empty({g.batch, g.out_h, g.out_w, O}, input_.options());
   if (g.batch == 0) return out.permute({0, 3, 1, 2});
   const at::Tensor input = channels_last_rows(input_);
   const at::Tensor offset = offsets_by_position(offset_, offset_groups, K);
   const bool has_mask = mask_.has_value() && mask_->defined();
   const at::Tensor mask = has_mask ? mask_by_position(*mask_, offset_groups, K) : at::Tensor();
-  const at::Tensor wmat = weight_matrix(weight, groups);
-  const int64_t chunk = chunk_size(g, input.element_size());
-  auto columns = at::empty({chunk * L, K * C}, input.options());
+  const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
+  const at::Tensor wmat_t = wmat.transpose(1, 2);           // GEMM operand, no copy
+  const at::Tensor zero = at::zeros({C}, input.options());
   auto out_rows = out.view({g.batch * L, O});
-  for (int64_t first = 0; first < g.batch; first += chunk) {
-    const int64_t count = std::min(chunk, g.batch - first);
-    const int64_t rows = count * L;
-    auto cols = columns.narrow(0, 0, rows);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_sample_columns", [&] {
-      sample_columns<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                               has_mask ? mask.data_ptr<scalar_t>() : nullptr, first, count,
-                               cols.data_ptr<scalar_t>());
+  const int64_t block = block_rows(g, input.element_size());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
+    for_each_block(g, block, [&](int64_t row0, int64_t rows) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+      auto cols = at::empty({rows, K * C}, input.options());
+      sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                            has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
+                            rows, cols.data_ptr<scalar_t>());
+      auto dst = out_rows.narrow(0, row0, rows);
+      if (groups == 1) {
+        at::mm_out(dst, cols, wmat_t[0]);
+      } else {
+        auto grouped = at::bmm(group_columns(cols, rows, K, C, groups), wmat_t);  // (g, rows, O/g)
+        dst.view({rows, groups, Og}).copy_(grouped.transpose(0, 1));
+      }
     });
-    auto dst = out_rows.narrow(0, first * L, rows);
-    if (groups == 1) {
-      at::mm_out(dst, cols, wmat[0]);
-    } else {
-      auto grouped = at::bmm(group_columns(cols, rows, K, C, groups), wmat);  // (g, rows, O/g)
-      dst.copy_(grouped.permute({1, 0, 2}).reshape({rows, O}));
-    }
-  }
+  });
   if (bias.has_value() && bias->defined()) out.add_(*bias);
   return out.permute({0, 3, 1, 2});
 }
@@ -279,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h,
                                    dil_w, offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
-  const int64_t groups = g.weight_groups, G = offset_groups;
+  const int64_t groups = g.weight_groups, G = offset_groups, Og = O / groups, Cg = C / groups;
   const bool has_mask = mask_.has_value() && mask_->defined();
   need_mask = need_mask && has_mask;
   const auto opts = input_.options();
@@ -287,47 +279,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_input = need_input ? at::zeros({g.batch, g.height, g.width, C}, opts) : at::Tensor();
   at::Tensor grad_offset = need_offset ? at::empty({g.batch, L, G, K, 2}, opts) : at::Tensor();
   at::Tensor grad_mask = need_mask ? at::empty({g.batch, L, G, K}, opts) : at::Tensor();
-  at::Tensor grad_wmat = need_weight ? at::zeros({groups, K * (C / groups), O / groups}, opts) : at::Tensor();
+  at::Tensor grad_wmat = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
   at::Tensor grad_bias = need_bias ? grad_out_.sum({0, 2, 3}) : at::Tensor();
+  const bool need_scatter = need_input || need_offset || need_mask;
 
-  if (g.batch > 0 && (need_input || need_offset || need_mask || need_weight)) {
+  if (g.batch > 0 && (need_scatter || need_weight)) {
     const at::Tensor input = channels_last_rows(input_);
     const at::Tensor offset = offsets_by_position(offset_, G, K);
     const at::Tensor mask = has_mask ? mask_by_position(*mask_, G, K) : at::Tensor();
     const at::Tensor grad_rows = channels_last_rows(grad_out_).view({g.batch * L, O});
-    const at::Tensor wmat = weight_matrix(weight, groups);
-    const int64_t chunk = chunk_size(g, input.element_size());
-    auto columns = need_weight ? at::empty({chunk * L, K * C}, opts) : at::Tensor();
-    const bool need_scatter = need_input || need_offset || need_mask;
-    for (int64_t first = 0; first < g.batch; first += chunk) {
-      const int64_t count = std::min(chunk, g.batch - first);
-      const int64_t rows = count * L;
-      auto grad_chunk = grad_rows.narrow(0, first * L, rows);
-      auto grad_grouped = grad_chunk.view({rows, groups, O / groups}).permute({1, 0, 2});  // (g, rows, O/g)
-      if (need_weight) {
-        auto cols = columns.narrow(0, 0, rows);
-        AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_sample_columns", [&] {
-          sample_columns<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                   has_mask ? mask.data_ptr<scalar_t>() : nullptr, first, count,
-                                   cols.data_ptr<scalar_t>());
-        });
-        grad_wmat.baddbmm_(group_columns(cols, rows, K, C, groups).transpose(1, 2), grad_grouped);
-      }
-      if (need_scatter) {
-        // (g, rows, O/g) x (g, O/g, K*C/g) -> columns' gradient
-        auto grad_cols = ungroup_columns(at::bmm(grad_grouped, wmat.transpose(1, 2)), rows, K, C, groups).contiguous();
-        AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_scatter_column_grads", [&] {
-          scatter_column_grads<scalar_t>(
-              g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-              has_mask ? mask.data_ptr<scalar_t>() : nullptr, grad_cols.data_ptr<scalar_t>(), first,
-              count, need_input ? grad_input.data_ptr<scalar_t>() : nullptr,
-              need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
-              need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
-        });
-      }
-    }
-  } else if (g.batch == 0) {
-    // Nothing to scatter; keep the zero/empty gradients of the right shapes.
+    const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
+    const at::Tensor zero = at::zeros({C}, opts);
+    const int64_t block = block_rows(g, input.element_size());
+    std::mutex reduce_lock;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
+      at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+        at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+        // Per-thread weight-gradient accumulator, summed into grad_wmat once at the end.
+        at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
+        const int64_t end = b_end * L;
+        for (int64_t row0 = b_begin * L; row0 < end; row0 += block) {
+          const int64_t rows = std::min(block, end - row0);
+          auto grad_grouped = grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
+          if (need_weight) {
+            auto cols = at::empty({rows, K * C}, opts);
+            sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                  has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
+                                  row0, rows, cols.data_ptr<scalar_t>());
+            local_gw.baddbmm_(grad_grouped.transpose(1, 2), group_columns(cols, rows, K, C, groups));
+          }
+          if (need_scatter) {
+            at::Tensor grad_cols;
+            if (groups == 1) {
+              grad_cols = at::mm(grad_grouped[0], wmat[0]);  // (rows, K*C)
+            } else {
+              grad_cols = at::bmm(grad_grouped, wmat)  // (g, rows, K*Cg) -> (rows, K, g, Cg)
+                              .view({groups, rows, K, Cg})
+                              .permute({1, 2, 0, 3})
+                              .reshape({rows, K * C});
+            }
+            scatter_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                   has_mask ? mask.data_ptr<scalar_t>() : nullptr,
+                                   grad_cols.data_ptr<scalar_t>(), row0, rows,
+                                   need_input ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                   need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
+                                   need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
+          }
+        }
+        if (need_weight) {
+          std::lock_guard<std::mutex> guard(reduce_lock);
+          grad_wmat.add_(local_gw);
+        }
+      });
+    });
   }
 
   if (need_input) grad_input = grad_input.permute({0, 3, 1, 2});
@@ -337,10 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (need_mask) grad_mask = grad_mask.permute({0, 2, 3, 1}).reshape({g.batch, G * K, g.out_h, g.out_w});
   at::Tensor grad_weight;
   if (need_weight) {
-    // (g, K*Cg, O/g) -> (O, Cg, kh, kw)
-    const int64_t Cg = C / groups;
-    grad_weight = grad_wmat.view({groups, K, Cg, O / groups}).permute({0, 3, 2, 1}).reshape(
-        {O, Cg, g.kernel_h, g.kernel_w});
+    // (g, O/g, K, Cg) -> (O, Cg, kh, kw)
+    grad_weight = grad_wmat.view({groups, Og, K, Cg}).transpose(2, 3).reshape({O, Cg, g.kernel_h, g.kernel_w});
   }
   return {grad_input, grad_offset, grad_mask, grad_weight, grad_bias};
 }

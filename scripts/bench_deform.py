@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Benchmark deformable convolution: per layer (ResNet-34 CIFAR shapes) and end to end.
+
+Per layer, forward and forward+backward time and peak memory for: ``ours``
+(``dcn_experiments.ops.deform_conv2d``), ``torchvision``, ``reference`` (our pure-PyTorch fallback),
+``conv2d`` (``F.conv2d``, the regular layer) and, when ``onnx`` and ``onnxruntime`` are installed,
+ONNX Runtime's ``DeformConv`` (forward only; opset 19). End to end, training throughput of
+ResNet-34 regular vs deformable (placement ``stages`` and ``all``).
+
+All numbers of one run come from the same machine state, so compare ratios, not absolute times.
+
+    python scripts/bench_deform.py                       # CPU, 2 threads, writes bench_deform.json
+    python scripts/bench_deform.py --device cuda --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size) of ResNet-34 on 32 px
+
+
+def layer_inputs(channels: int, size: int, batch: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Input, weight, offsets (about half a pixel) and mask for one 3x3, stride-1 layer."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "x": torch.randn(batch, channels, size, size, generator=gen),
+        "weight": torch.randn(channels, channels, 3, 3, generator=gen) * 0.05,
+        "offset": torch.randn(batch, 18, size, size, generator=gen) * 0.5,
+        "mask": torch.rand(batch, 9, size, size, generator=gen) * 2,
+    }
+    return {k: v.to(device).requires_grad_() for k, v in tensors.items()}
+
+
+def implementations() -> dict[str, Callable]:
+    """name -> fn(inputs) -> output; None-valued names are unavailable here."""
+    from dcn_experiments.ops import deform_conv2d, deform_conv2d_reference
+
+    impls: dict[str, Callable] = {
+        "ours": lambda t: deform_conv2d(t["x"], t["offset"], t["weight"], None, 1, 1, 1, t["mask"]),
+        "conv2d": lambda t: F.conv2d(t["x"], t["weight"], padding=1),
+        "reference": lambda t: deform_conv2d_reference(t["x"], t["offset"], t["weight"], None, 1, 1, 1, t["mask"]),
+    }
+    try:
+        from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+        impls["torchvision"] = lambda t: tv_deform_conv2d(t["x"], t["offset"], t["weight"], None, 1, 1, 1, t["mask"])
+    except Exception:
+        pass
+    return impls
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str, repeats: int, budget_s: float) -> float:
+    """Median seconds of ``fn`` over up to ``repeats`` runs (fewer when one run exceeds the budget)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if sum(times) > budget_s:
+            break
+    return statistics.median(times)
+
+
+def onnxruntime_forward(channels: int, size: int, batch: int, threads: int) -> Callable[[], object] | None:
+    """A zero-argument ORT DeformConv forward on the same inputs, or None if ORT/onnx are missing."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    node = helper.make_node(
+        "DeformConv",
+        ["X", "W", "offset", "B", "mask"],
+        ["Y"],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[1, 1],
+        dilations=[1, 1],
+        group=1,
+        offset_group=1,
+    )
+    shape = {
+        "X": [batch, channels, size, size],
+        "W": [channels, channels, 3, 3],
+        "offset": [batch, 18, size, size],
+        "B": [channels],
+        "mask": [batch, 9, size, size],
+    }
+    graph = helper.make_graph(
+        [node],
+        "deform",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shape.items()],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # ORT's pool spin-waits after each call by default, stealing the cores from whatever is timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    t = {k: v.detach().numpy() for k, v in layer_inputs(channels, size, batch, "cpu").items()}
+    feeds = {
+        "X": t["x"],
+        "W": t["weight"],
+        "offset": t["offset"],
+        "mask": t["mask"],
+        "B": torch.zeros(channels).numpy(),
+    }
+    del onnx
+    return lambda: session.run(None, feeds)
+
+
+_PEAK_MEMORY_CHILD = """
+import os, sys, threading, time, torch
+sys.path.insert(0, {here!r})
+from bench_deform import implementations, layer_inputs, sync
+torch.set_num_threads({threads})
+fn = implementations()[{impl!r}]
+t = layer_inputs({channels}, {size}, {batch}, {device!r})
+fn(t).sum().backward(); sync({device!r})  # warm-up: extension build, allocator caches
+for v in t.values():
+    v.grad = None
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * page
+if {device!r} == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(t).sum().backward(); sync({device!r})
+    peak = torch.cuda.max_memory_allocated()
+else:
+    base, peak, done = rss(), [0], [False]
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    fn(t).sum().backward()
+    done[0] = True
+    sampler.join()
+    peak = max(peak[0], rss())
+print((peak - base) / 2**20)
+"""
+
+
+def peak_memory_mb(impl: str, channels: int, size: int, batch: int, device: str, threads: int) -> float:
+    """Extra memory at the peak of one forward+backward (after a warm-up), in a fresh process.
+
+    CUDA: the caching allocator's peak. CPU: resident memory sampled every 0.5 ms, with glibc's
+    mmap threshold fixed at 64 KiB so that freed buffers really leave the process.
+    """
+    code = _PEAK_MEMORY_CHILD.format(
+        here=str(Path(__file__).resolve().parent),
+        threads=threads,
+        impl=impl,
+        channels=channels,
+        size=size,
+        batch=batch,
+        device=device,
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    if result.returncode != 0:
+        return math.nan
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def bench_layers(args: argparse.Namespace) -> list[dict]:
+    """Per-layer forward / forward+backward times (interleaved rounds, medians) and peak memory."""
+    impls = {k: v for k, v in implementations().items() if not (k == "reference" and args.skip_reference)}
+    rows = []
+    for channels, size in LAYERS:
+        row: dict = {"layer": f"{channels}ch@{size}", "channels": channels, "size": size, "batch": args.batch}
+        calls: dict[str, Callable[[], object]] = {}
+        for name, fn in impls.items():
+            t = layer_inputs(channels, size, args.batch, args.device)
+
+            def forward(fn=fn, t=t) -> None:
+                with torch.no_grad():
+                    fn(t)
+
+            def forward_backward(fn=fn, t=t) -> None:
+                for v in t.values():
+                    v.grad = None
+                fn(t).sum().backward()
+
+            calls[f"{name}_fwd_ms"] = forward
+            calls[f"{name}_fwdbwd_ms"] = forward_backward
+        if args.device == "cpu":
+            ort_fn = onnxruntime_forward(channels, size, args.batch, args.threads)
+            if ort_fn is not None:
+                calls["onnxruntime_fwd_ms"] = ort_fn
+        row.update({key: 1e3 * seconds for key, seconds in time_interleaved(calls, args.device, args.repeats).items()})
+        if not args.skip_memory:
+            for name in impls:
+                row[f"{name}_peak_mb"] = peak_memory_mb(name, channels, size, args.batch, args.device, args.threads)
+        rows.append(row)
+        print(f"  measured {row['layer']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, float]:
+    """Median seconds per call, running every call once per round so machine drift hits all alike.
+
+    A call slower than 2 s is timed in the first rounds only, to bound the run time.
+    """
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for fn in calls.values():  # warm-up (also builds the CPU extension)
+        fn()
+    sync(device)
+    for round_index in range(rounds):
+        for key, fn in calls.items():
+            if round_index >= 2 and times[key] and min(times[key]) > 2.0:
+                continue
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def bench_training(args: argparse.Namespace) -> list[dict]:
+    """Training steps per second of ResNet-34 regular vs deformable on random 32 px images."""
+    from dcn_experiments.engine.optim import build_optimizer
+    from dcn_experiments.models import CONVS, MODELS
+
+    results = []
+    for conv, placement in (("regular", "stages"), ("deformable", "stages"), ("deformable", "all")):
+        torch.manual_seed(0)
+        factory = CONVS.build(conv, placement=placement)
+        model = MODELS.build("resnet34", num_classes=10, conv=factory, width=args.width).to(args.device)
+        optimizer = build_optimizer(model, "adam", 1e-3, 0.0, 0.9, 0.1)
+        x = torch.randn(args.batch, 3, 32, 32, device=args.device)
+        y = torch.randint(0, 10, (args.batch,), device=args.device)
+
+        def step(model=model, optimizer=optimizer, x=x, y=y) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        step()  # warm-up
+        seconds = time_call(step, args.device, args.train_steps, 120)
+        results.append(
+            {
+                "conv": conv,
+                "placement": placement,
+                "width": args.width,
+                "batch": args.batch,
+                "step_s": seconds,
+                "img_s": args.batch / seconds,
+            }
+        )
+        print(f"  measured training {conv}/{placement}", file=sys.stderr, flush=True)
+    regular = results[0]["img_s"]
+    for r in results:
+        r["throughput_vs_regular"] = r["img_s"] / regular
+    return results
+
+
+def geomean(values: list[float]) -> float:
+    """Geometric mean of positive values."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def print_tables(layers: list[dict], training: list[dict], device: str) -> dict:
+    """Print the tables and return the summary ratios."""
+    impls = [n for n in ("ours", "torchvision", "reference", "conv2d") if f"{n}_fwd_ms" in layers[0]]
+    head = " | ".join(f"{n} fwd" for n in impls) + (" | onnxruntime fwd" if "onnxruntime_fwd_ms" in layers[0] else "")
+    print(f"\nPer layer, batch {layers[0]['batch']}, {device}: milliseconds (median)\n")
+    print(f"| layer | {head} | " + " | ".join(f"{n} fwd+bwd" for n in impls) + " |")
+    print("|---" * (1 + 2 * len(impls) + ("onnxruntime_fwd_ms" in layers[0])) + "|")
+    for r in layers:
+        cells = [f"{r[f'{n}_fwd_ms']:.1f}" for n in impls]
+        if "onnxruntime_fwd_ms" in r:
+            cells.append(f"{r['onnxruntime_fwd_ms']:.1f}")
+        cells += [f"{r[f'{n}_fwdbwd_ms']:.1f}" for n in impls]
+        print(f"| {r['layer']} | " + " | ".join(cells) + " |")
+    if any(k.endswith("_peak_mb") for k in layers[0]):
+        print("\nPeak extra memory of one forward+backward (MiB)\n")
+        print("| layer | " + " | ".join(impls) + " |")
+        print("|---" * (1 + len(impls)) + "|")
+        for r in layers:
+            print(f"| {r['layer']} | " + " | ".join(f"{r.get(f'{n}_peak_mb', math.nan):.0f}" for n in impls) + " |")
+    summary = {
+        "fwdbwd_speedup_vs_torchvision_geomean": geomean(
+            [r["torchvision_fwdbwd_ms"] / r["ours_fwdbwd_ms"] for r in layers]
+        )
+        if "torchvision" in impls
+        else None,
+        "fwdbwd_time_vs_conv2d_geomean": geomean([r["ours_fwdbwd_ms"] / r["conv2d_fwdbwd_ms"] for r in layers]),
+        "fwd_time_vs_conv2d_geomean": geomean([r["ours_fwd_ms"] / r["conv2d_fwd_ms"] for r in layers]),
+    }
+    if "onnxruntime_fwd_ms" in layers[0]:
+        summary["fwd_time_vs_onnxruntime_per_layer"] = [r["ours_fwd_ms"] / r["onnxruntime_fwd_ms"] for r in layers]
+    if "torchvision_peak_mb" in layers[0] and "ours_peak_mb" in layers[0]:
+        summary["peak_memory_vs_torchvision_per_layer"] = [
+            r["ours_peak_mb"] / r["torchvision_peak_mb"] if r["torchvision_peak_mb"] > 0 else math.nan for r in layers
+        ]
+    if training:
+        print(f"\nEnd to end: ResNet-34 (width {training[0]['width']}) training, batch {training[0]['batch']}\n")
+        print("| conv | placement | img/s | vs regular |")
+        print("|---|---|---:|---:|")
+        for r in training:
+            print(f"| {r['conv']} | {r['placement']} | {r['img_s']:.1f} | {r['throughput_vs_regular']:.2f} |")
+        summary["train_throughput_vs_regular"] = {
+            f"{r['conv']}/{r['placement']}": r["throughput_vs_regular"] for r in training
+        }
+    print("\nSummary:", json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> int:
+    """Parse arguments, run the benchmarks, print tables, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ONNX Runtime)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--width", type=int, default=64, help="ResNet-34 base width for the training benchmark")
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the slow pure-PyTorch fallback")
+    parser.add_argument("--out", type=Path, default=Path("bench_deform.json"))
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    layers = bench_layers(args)
+    training = [] if args.skip_training else bench_training(args)
+    summary = print_tables(layers, training, args.device)
+    payload = {
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "layers": layers,
+        "training": training,
+        "summary": summary,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
