@@ -67,3 +67,31 @@ def test_segmentation_set_is_coco_format_and_read_through_the_coco_loader(tmp_pa
     assert image.shape == (3, 64, 64) and mask.shape == (64, 64) and mask.dtype == torch.int64
     assert 0 < (mask > 0).float().mean() < 1
     assert set(mask.unique().tolist()) <= set(range(len(SHAPE_CLASSES) + 1))
+
+
+def test_class_subset_and_elastic_change_the_data(tmp_path) -> None:
+    subset = DATASETS.build(
+        "shapes",
+        task="classification",
+        seed=0,
+        root=str(tmp_path),
+        train_size=40,
+        val_size=8,
+        classes=["star", "circle"],
+    )
+    assert subset.num_classes == 2 and subset.class_names == ["circle", "star"]
+    assert {int(subset.train[i][1]) for i in range(40)} == {0, 1}
+    rigid, _ = render_classification_split(seed=0, split="train", count=4, image_size=32, elastic=0.0)
+    warped, _ = render_classification_split(seed=0, split="train", count=4, image_size=32, elastic=0.05)
+    assert not np.array_equal(rigid, warped)
+
+
+def test_bad_shape_options_are_config_errors(tmp_path) -> None:
+    import pytest
+
+    from dcn_experiments.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset.classes"):
+        DATASETS.build("shapes", task="classification", seed=0, root=str(tmp_path), classes=["circle", "blob"])
+    with pytest.raises(ConfigError, match="dataset.elastic"):
+        DATASETS.build("shapes", task="classification", seed=0, root=str(tmp_path), elastic=-1.0)

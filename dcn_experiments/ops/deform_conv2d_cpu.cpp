@@ -59,6 +59,15 @@ inline Corners<scalar_t> locate(scalar_t y, scalar_t x, int64_t height, int64_t 
   return c;
 }
 
+// The bilinear corners of kernel tap k at output position (oy, ox), displaced by off_k = [dy, dx].
+template <typename scalar_t>
+inline Corners<scalar_t> locate_tap(const Geometry& g, int64_t oy, int64_t ox, int64_t k, const scalar_t* off_k) {
+  const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
+  const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off_k[0];
+  const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off_k[1];
+  return locate(y, x, g.height, g.width);
+}
+
 // Fill `rows` rows of columns, starting at global row `row0` (row = b * L + l), laid out
 // (row, K, C). offset: (N, L, G, K, 2), mask: (N, L, G, K) or null; input: (N, H, W, C).
 template <typename scalar_t>
@@ -75,11 +84,8 @@ void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offse
     scalar_t* dst_row = columns + r * K * C;
     for (int64_t grp = 0; grp < G; ++grp) {
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-        const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
-        const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
+        const Corners<scalar_t> c = locate_tap(g, oy, ox, k, off + (grp * K + k) * 2);
         const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
-        const Corners<scalar_t> c = locate(y, x, g.height, g.width);
         // Corners outside the image read from a zero vector: no branches in the channel loop.
         const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
         const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
@@ -115,11 +121,8 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
     const scalar_t* gcol_row = grad_columns + r * K * C;
     for (int64_t grp = 0; grp < G; ++grp) {
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-        const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off[(grp * K + k) * 2];
-        const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off[(grp * K + k) * 2 + 1];
+        const Corners<scalar_t> c = locate_tap(g, oy, ox, k, off + (grp * K + k) * 2);
         const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
-        const Corners<scalar_t> c = locate(y, x, g.height, g.width);
         const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
         scalar_t dots[4] = {0, 0, 0, 0};
         for (int q = 0; q < 4; ++q) {

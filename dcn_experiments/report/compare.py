@@ -124,6 +124,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -134,9 +135,11 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[str]:
         xs = [e["epoch"] for e in epochs]
         axes[0].plot(xs, [e.get(key) for e in epochs], marker="o", label=label)
         axes[1].plot(xs, [e.get("train_loss") for e in epochs], marker="o", label=label)
-    axes[0].set(xlabel="epoch", ylabel="validation metric", title="Validation metric")
+    keys = sorted({metric_key(run) for run in runs})
+    axes[0].set(xlabel="epoch", ylabel=" / ".join(keys), title="Validation metric")
     axes[1].set(xlabel="epoch", ylabel="train loss", title="Training loss")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,0 +1,58 @@
+"""Any class-per-folder image tree: ``root/train/<class>/*`` and ``root/<val_split>/<class>/*``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision.datasets import ImageFolder
+
+from dcn_experiments.data.registry import DATASETS, DataSplits
+from dcn_experiments.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_transforms
+from dcn_experiments.errors import DataError
+
+
+def _open_folder(folder: Path, transform) -> ImageFolder:
+    if not folder.is_dir():
+        raise DataError(
+            f"image folder not found: {folder}; dataset.root must hold train/ and the validation folder "
+            "(dataset.val_split), each with one sub-folder per class"
+        )
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as error:
+        raise DataError(f"no images in {folder} ({error}); put images into one sub-folder per class") from None
+
+
+@DATASETS.register("imagefolder", tasks=("classification",))
+def imagefolder(
+    task: str,
+    seed: int,
+    root: str | None = None,
+    val_split: str = "val",
+    image_size: int | None = None,
+    augment: bool = True,
+    normalize: bool = True,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> DataSplits:
+    """Train/validation image folders; classes are the sub-folder names (must match)."""
+    del task, seed
+    if not root:
+        raise DataError("dataset=imagefolder needs dataset.root=PATH (a folder holding train/ and val/)")
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DataError(
+            f"dataset.root does not exist: {root_path}; point it at a folder holding train/ and {val_split}/"
+        )
+    train = _open_folder(
+        root_path / "train", classification_transforms(True, augment, normalize, mean, std, image_size)
+    )
+    val = _open_folder(
+        root_path / val_split, classification_transforms(False, augment, normalize, mean, std, image_size)
+    )
+    if train.classes != val.classes:
+        raise DataError(
+            f"class folders differ between {root_path / 'train'} ({len(train.classes)} classes) and "
+            f"{root_path / val_split} ({len(val.classes)}); both need the same class sub-folders"
+        )
+    return DataSplits(train, val, num_classes=len(train.classes), class_names=list(train.classes))
