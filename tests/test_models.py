@@ -73,6 +73,16 @@ def test_zero_initialised_deformable_equals_regular_at_step_0(model: str, versio
         torch.testing.assert_close(deformable(x), regular(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["resnet34", "unet"])
+def test_one_seed_gives_both_arms_the_same_initial_kernels(model: str) -> None:
+    """The comparison is paired: with one seed, every regular weight reappears in the deformable arm."""
+    torch.manual_seed(0)
+    regular = build(model, "regular", num_classes=4, width=4).state_dict()
+    torch.manual_seed(0)
+    deformable = build(model, "deformable", num_classes=4, width=4, placement="all").state_dict()
+    assert all(torch.equal(value, deformable[key]) for key, value in regular.items())
+
+
 def test_deform_conv_module_v1_has_no_mask_and_v2_mask_is_one_at_init() -> None:
     x = torch.randn(2, 4, 8, 8)
     v1 = DeformConv2d(4, 6, 3, padding=1, version=1)

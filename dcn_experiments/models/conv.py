@@ -62,7 +62,10 @@ class DeformConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         taps = self.kernel_size[0] * self.kernel_size[1]
-        self.offset_conv = nn.Conv2d(
+        # skip_init: the predictor is zeroed below, and drawing its random init would shift the RNG
+        # stream, so the two arms of one seed would no longer start from the same kernels.
+        self.offset_conv = nn.utils.skip_init(
+            nn.Conv2d,
             in_channels,
             offset_groups * taps * (3 if version == 2 else 2),
             self.kernel_size,
