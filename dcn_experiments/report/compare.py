@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from dcn_experiments.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             log.warning("skipping unreadable %s (%s)", path, error)
             continue
         run["run_dir"] = str(path.parent.relative_to(sweep_dir))
+        run["overrides"] = _shared_overrides(path.parent / ".hydra" / "overrides.yaml")
         runs.append(run)
     return runs
 
@@ -42,12 +45,28 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _shared_overrides(overrides_file: Path) -> list[str]:
+    """A run's command-line overrides that both arms of a pair must share: all but the conv choice."""
+    if not overrides_file.is_file():
+        return []
+    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
+    return sorted(o for o in overrides if not o.startswith(("conv=", "seed=", "hydra.", "+hydra.")))
+
+
 def _pair_key(run: dict[str, Any]) -> tuple:
-    return (run.get("task"), run.get("model"), run.get("dataset"), run.get("seed"))
+    # Runs of one sweep that differ in anything but the conv choice (a learning rate, a placement)
+    # must not be compared with each other.
+    return (
+        run.get("task"),
+        run.get("model"),
+        run.get("dataset"),
+        run.get("seed"),
+        tuple(run.get("overrides", ())),
+    )
 
 
 def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Deformable vs regular for every (task, model, dataset, seed) that has both arms."""
+    """Deformable vs regular for every (task, model, dataset, seed, other overrides) with both arms."""
     regular = {_pair_key(r): r for r in runs if r.get("conv") == "regular"}
     pairs = []
     for run in runs:
@@ -65,6 +84,7 @@ def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "dataset": run.get("dataset"),
                 "seed": run.get("seed"),
                 "placement": run.get("placement"),
+                "overrides": " ".join(run.get("overrides", ())) or "-",
                 "metric": key,
                 "regular": base.get(key),
                 "deformable": run.get(key),
@@ -99,17 +119,18 @@ def render_markdown(runs: list[dict[str, Any]], plots: list[str]) -> str:
     lines += ["", "## Deformable / regular", ""]
     if pairs:
         lines += [
-            "| model | dataset | seed | placement | metric | regular | deformable | delta | epoch time x | throughput x | params x |",  # noqa: E501
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| model | dataset | seed | placement | overrides | metric | regular | deformable | delta | epoch time x | throughput x | params x |",  # noqa: E501
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for p in pairs:
             lines.append(
-                f"| {p['model']} | {p['dataset']} | {p['seed']} | {p['placement']} | {p['metric']} | "
+                f"| {p['model']} | {p['dataset']} | {p['seed']} | {p['placement']} | {p['overrides']} | "
+                f"{p['metric']} | "
                 f"{_fmt(p['regular'])} | {_fmt(p['deformable'])} | {_fmt(p['delta'])} | {_fmt(p['time_ratio'], 2)} | "
                 f"{_fmt(p['throughput_ratio'], 2)} | {_fmt(p['params_ratio'], 3)} |"
             )
     else:
-        lines.append("No regular/deformable pair with the same model, dataset and seed in this sweep.")
+        lines.append("No regular/deformable pair with the same model, dataset, seed and other overrides in this sweep.")
     diverged = [r["run_dir"] for r in runs if r.get("diverged")]
     if diverged:
         lines += ["", f"**Diverged (non-finite loss):** {', '.join(diverged)}"]
