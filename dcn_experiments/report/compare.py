@@ -46,7 +46,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _shared_overrides(overrides_file: Path) -> list[str]:
-    """A run's command-line overrides that both arms of a pair must share: all but the conv choice."""
+    """The command-line overrides both arms of a pair must share: all but ``conv=``, ``seed=``
+    (the seed is a column of its own) and Hydra's own settings."""
     if not overrides_file.is_file():
         return []
     overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
