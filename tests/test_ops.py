@@ -94,6 +94,33 @@ def test_gradcheck_float64(name: str) -> None:
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
 
 
+def _layout(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return "nchw"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+@pytest.mark.parametrize("implementation", [deform_conv2d, deform_conv2d_reference], ids=["ours", "reference"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask"])
+def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str) -> None:
+    """NCHW in -> NCHW out, channels-last in -> channels-last out (and the same for grad_input), with
+    the values of the other layout: a channels-last result for an NCHW input sends the next layers
+    into oneDNN's nhwc kernels (issue 14: a 1x1 stride-2 backward there crashes)."""
+    x, offset, weight, bias, s, p, d, mask = _inputs(CASES[name], torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    out = implementation(leaf, offset, weight, bias, s, p, d, mask)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    assert _layout(leaf) == layout
+    assert _layout(out) == layout
+    assert _layout(leaf.grad) == layout
+    plain, (plain_grad, *_) = _values_and_grads(implementation, x.contiguous(), offset, weight, bias, s, p, d, mask)
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_matches_torchvision() -> None:
     args = _inputs(CASES["groups"], torch.float64)
     ours, our_grads = _values_and_grads(deform_conv2d_reference, *args)

@@ -143,6 +143,13 @@ def _check_arguments(
     return offset_groups
 
 
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """``channels_last`` for a tensor laid out NHWC, else ``contiguous_format`` (ATen's suggestion)."""
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def deform_conv2d_reference(
     input: Tensor,
     offset: Tensor,
@@ -193,7 +200,7 @@ def deform_conv2d_reference(
     out = torch.einsum("gok,ngkl->ngol", kernel, columns).reshape(n, out_c, out_h, out_w)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return out
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 class _DeformConv2dCPU(torch.autograd.Function):
@@ -281,12 +288,15 @@ def deform_conv2d(
 
     Same signature, offset layout (``[dy, dx]`` per kernel tap and offset group) and results as
     ``torchvision.ops.deform_conv2d``; differentiable w.r.t. input, offset, mask, weight and bias.
+    The output (and the input's gradient) has the input's memory format, as ``F.conv2d``'s does:
+    NCHW in, NCHW out; channels-last in, channels-last out.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if input.device.type == "cuda":
         tv_op = _torchvision_deform_conv2d()
         if tv_op is not None:
-            return tv_op(input, offset, weight, bias, stride, padding, dilation, mask)
+            out = tv_op(input, offset, weight, bias, stride, padding, dilation, mask)
+            return out.contiguous(memory_format=memory_format_of(input))
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
 
     offset_groups = _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)

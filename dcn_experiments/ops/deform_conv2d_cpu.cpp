@@ -214,15 +214,28 @@ at::Tensor mask_by_position(const at::Tensor& mask, int64_t G, int64_t K) {
   return mask.reshape({N, G, K, L}).permute({0, 3, 1, 2}).contiguous();
 }
 
-// Run `body(row0, rows, thread_scratch_index)` over blocks of rows, with whole images per thread
-// (so scatters into an image never race) and blocks inside a thread spanning image boundaries.
+// Call `body(row0, rows)` for blocks of about `block` rows covering images [b_begin, b_end).
+// Blocks span image boundaries unless `within_images`, in which case each image is cut into
+// equal blocks of at most `block` rows.
 template <typename Body>
-void for_each_block(const Geometry& g, int64_t block, const Body& body) {
+void for_blocks_of_images(const Geometry& g, int64_t block, bool within_images, int64_t b_begin,
+                          int64_t b_end, const Body& body) {
   const int64_t L = g.out_size();
-  at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-    const int64_t end = b_end * L;
-    for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
-  });
+  if (within_images) {
+    const int64_t pieces = (L + block - 1) / block, step = (L + pieces - 1) / pieces;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t l = 0; l < L; l += step) body(b * L + l, std::min(step, L - l));
+    }
+    return;
+  }
+  const int64_t end = b_end * L;
+  for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
+}
+
+// Whether NCHW planes are large enough for per-image blocks: the GEMMs then read and write the
+// planes in place (a transposed operand) instead of going through a (rows, channels) copy.
+bool use_planes_directly(const Geometry& g, int64_t block) {
+  return g.out_size() >= std::min<int64_t>(block, 256);
 }
 
 at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& weight,
@@ -234,35 +247,70 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
                                    dil_w, offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
   const int64_t groups = g.weight_groups, Og = O / groups;
-  auto out = at::empty({g.batch, g.out_h, g.out_w, O}, input_.options());
-  if (g.batch == 0) return out.permute({0, 3, 1, 2});
+  // The output takes the input's memory format, like F.conv2d: a channels-last result for an
+  // NCHW input would send the rest of the network down other (and, in oneDNN, buggy) kernels.
+  const bool nhwc_out = input_.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  auto out = nhwc_out ? at::empty({g.batch, g.out_h, g.out_w, O}, input_.options())
+                      : at::empty({g.batch, O, g.out_h, g.out_w}, input_.options());
+  const auto as_nchw_view = [&](const at::Tensor& t) { return nhwc_out ? t.permute({0, 3, 1, 2}) : t; };
+  if (g.batch == 0) return as_nchw_view(out);
   const at::Tensor input = channels_last_rows(input_);
   const at::Tensor offset = offsets_by_position(offset_, offset_groups, K);
   const bool has_mask = mask_.has_value() && mask_->defined();
   const at::Tensor mask = has_mask ? mask_by_position(*mask_, offset_groups, K) : at::Tensor();
+  const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
   const at::Tensor wmat_t = wmat.transpose(1, 2);           // GEMM operand, no copy
   const at::Tensor zero = at::zeros({C}, input.options());
-  auto out_rows = out.view({g.batch * L, O});
+  // NHWC output: each block's GEMM writes its rows of the output directly. NCHW output with
+  // large images: blocks stay inside one image and the GEMM writes the transposed product
+  // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
+  // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
   const int64_t block = block_rows(g, input.element_size());
+  const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
+  auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
+  auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, groups, Og, L});
+  const at::Tensor bias_column = has_bias ? bias->view({groups, Og, 1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
-    for_each_block(g, block, [&](int64_t row0, int64_t rows) {
-      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+    at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+     at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+     for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
       auto cols = at::empty({rows, K * C}, input.options());
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
                             rows, cols.data_ptr<scalar_t>());
-      auto dst = out_rows.narrow(0, row0, rows);
+      if (planes_direct) {  // (g, O/g, rows) = W (g, O/g, K*C/g) x cols^T, into the image's planes
+        auto dst = out_planes[row0 / L].narrow(2, row0 % L, rows);
+        auto cols_t = group_columns(cols, rows, K, C, groups).transpose(1, 2);
+        if (groups == 1) {
+          auto dst0 = dst[0];
+          at::mm_out(dst0, wmat[0], cols_t[0]);
+        } else {
+          dst.copy_(at::bmm(wmat, cols_t));
+        }
+        if (has_bias) dst.add_(bias_column);
+        return;
+      }
+      auto dst = nhwc_out ? out_rows.narrow(0, row0, rows) : at::empty({rows, O}, input.options());
       if (groups == 1) {
         at::mm_out(dst, cols, wmat_t[0]);
       } else {
         auto grouped = at::bmm(group_columns(cols, rows, K, C, groups), wmat_t);  // (g, rows, O/g)
         dst.view({rows, groups, Og}).copy_(grouped.transpose(0, 1));
       }
+      if (has_bias) dst.add_(*bias);
+      if (!nhwc_out) {
+        auto planes = out_planes.view({g.batch, O, L});
+        for (int64_t row = row0; row < row0 + rows;) {  // the block may span several images
+          const int64_t b = row / L, l = row % L, span = std::min(L - l, row0 + rows - row);
+          planes[b].narrow(1, l, span).copy_(dst.narrow(0, row - row0, span).t());
+          row += span;
+        }
+      }
+     });
     });
   });
-  if (bias.has_value() && bias->defined()) out.add_(*bias);
-  return out.permute({0, 3, 1, 2});
+  return as_nchw_view(out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward(
@@ -290,20 +338,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor input = channels_last_rows(input_);
     const at::Tensor offset = offsets_by_position(offset_, G, K);
     const at::Tensor mask = has_mask ? mask_by_position(*mask_, G, K) : at::Tensor();
-    const at::Tensor grad_rows = channels_last_rows(grad_out_).view({g.batch * L, O});
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
     const at::Tensor zero = at::zeros({C}, opts);
     const int64_t block = block_rows(g, input.element_size());
+    // An NCHW gradient with large planes is read in place, per image (see the forward);
+    // otherwise as (rows, O) after one channels-last copy.
+    const bool planes_direct = grad_out_.is_contiguous() && use_planes_directly(g, block);
+    const at::Tensor grad_planes = planes_direct ? grad_out_.view({g.batch, groups, Og, L}) : at::Tensor();
+    const at::Tensor grad_rows = planes_direct ? at::Tensor() : channels_last_rows(grad_out_).view({g.batch * L, O});
     std::mutex reduce_lock;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
       at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
         at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
         // Per-thread weight-gradient accumulator, summed into grad_wmat once at the end.
         at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
-        const int64_t end = b_end * L;
-        for (int64_t row0 = b_begin * L; row0 < end; row0 += block) {
-          const int64_t rows = std::min(block, end - row0);
-          auto grad_grouped = grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
+        for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
+          auto grad_grouped = planes_direct  // (g, rows, O/g)
+                                  ? grad_planes[row0 / L].narrow(2, row0 % L, rows).transpose(1, 2)
+                                  : grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
           if (need_weight) {
             auto cols = at::empty({rows, K * C}, opts);
             sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
@@ -328,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                                    need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
                                    need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
           }
-        }
+        });
         if (need_weight) {
           std::lock_guard<std::mutex> guard(reduce_lock);
           grad_wmat.add_(local_gw);
@@ -337,7 +389,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     });
   }
 
-  if (need_input) grad_input = grad_input.permute({0, 3, 1, 2});
+  if (need_input) {  // in the input's memory format, as the forward's output
+    grad_input = grad_input.permute({0, 3, 1, 2}).contiguous(input_.suggest_memory_format());
+  }
   if (need_offset) {
     grad_offset = grad_offset.permute({0, 2, 3, 4, 1}).reshape({g.batch, G * K * 2, g.out_h, g.out_w});
   }
