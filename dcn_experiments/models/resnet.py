@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models.conv import ConvFactory, init_conv_weights
+from dcn_experiments.models.layers import OneDNNSafeConv2d
 from dcn_experiments.models.registry import MODELS
 
 STEMS = ("cifar", "imagenet")
@@ -23,9 +24,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            # The projection stays a regular 1x1 convolution in both arms.
+            # The projection stays a regular 1x1 convolution in both arms (strided: see OneDNNSafeConv2d).
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+                OneDNNSafeConv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
             )
 
     def forward(self, x: Tensor) -> Tensor:
