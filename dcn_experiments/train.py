@@ -1,7 +1,9 @@
 """``dcn-train``: compose data, model, task and engine from the Hydra config, train, record.
 
 ``train(cfg)`` is plain Python (tests call it); ``main`` is the Hydra entry point and returns the
-final validation metric so that sweepers can optimise it.
+final validation metric so that sweepers can optimise it. In a sweep every job runs in a child
+process and a failing job (an error, an exception, a native crash) is recorded as failed in its
+own folder while the other jobs go on; the report callback then names it and the sweep exits 1.
 """
 
 from __future__ import annotations
@@ -16,20 +18,23 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dcn_experiments.cli import exit_on_user_error
+from dcn_experiments.cli import exit_on_user_error, one_line
 from dcn_experiments.data import DATASETS, make_loader
 from dcn_experiments.engine import (
-    RUN_METRICS_FILE,
     TensorBoardLogger,
     Trainer,
     TrainerSettings,
     build_optimizer,
     build_schedule,
+    headline_value,
+    record_failure,
     resolve_device,
+    run_isolated_job,
     summarize_run,
-    write_json_atomic,
+    write_run_record,
 )
 from dcn_experiments.engine.trainer import batch_limit
 from dcn_experiments.errors import ConfigError
@@ -52,6 +57,20 @@ def _options(node: DictConfig, *drop: str) -> dict[str, Any]:
     """A config group node as builder kwargs (without its ``name`` and the keys in ``drop``)."""
     options = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in options.items() if k not in {"name", *drop}}
+
+
+def config_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What a run is, as far as the config alone says (the record of a run that failed early)."""
+    return {
+        "task": MODELS.meta(cfg.model.name)["task"] if cfg.model.name in MODELS else None,
+        "model": cfg.model.name,
+        "conv": cfg.conv.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "placement": cfg.conv.placement,
+        "conv_version": cfg.conv.version,
+        "offset_lr_mult": cfg.conv.offset_lr_mult,
+    }
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -96,16 +115,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     identity = {
-        "task": task_name,
-        "model": cfg.model.name,
-        "conv": cfg.conv.name,
-        "dataset": cfg.dataset.name,
-        "seed": cfg.seed,
+        **config_identity(cfg),
         "params": params,
         "device": device.type,
-        "placement": cfg.conv.placement,
-        "conv_version": cfg.conv.version,
-        "offset_lr_mult": cfg.conv.offset_lr_mult,
         "deformable_layers": sum(1 for _ in deformable_layers(model)),
     }
     log.info(
@@ -136,9 +148,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     try:
         result = trainer.fit(train_loader, val_loader)
-        metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details)
-        metrics["diverged"] = result.diverged
-        write_json_atomic(run_dir / RUN_METRICS_FILE, metrics)
+        metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details, result.diverged)
+        write_run_record(run_dir, metrics)
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
     finally:
         logger.close()
@@ -164,13 +175,23 @@ def _log_final(logger: TensorBoardLogger, cfg: DictConfig, key: str, metrics: di
         logger.text("per_class_iou", f"| class | IoU |\n|---|---|\n{rows}")
 
 
+def train_and_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`train`; when it fails, a ``failed`` record with the one-line reason is left in ``run_dir``."""
+    try:
+        return train(cfg, run_dir)
+    except Exception as error:
+        record_failure(run_dir, config_identity(cfg), one_line(error))
+        raise
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: train one configuration, return its final validation metric."""
-    metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    key = "val_acc" if "val_acc" in metrics else "val_miou"
-    return float(metrics[key]) if metrics[key] is not None else float("nan")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return headline_value(run_isolated_job(train_and_record, cfg, run_dir, config_identity(cfg)))
+    return headline_value(train_and_record(cfg, run_dir))
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def shared_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(shared_data_root: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``python -m dcn_experiments.train ARGS`` (or another module) in ``tmp_path``."""
 
-    def _run(*args: str, module: str = "dcn_experiments.train", timeout: int = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "DCN_DATA_ROOT": str(shared_data_root), "PYTHONUNBUFFERED": "1"}
+    def _run(
+        *args: str, module: str = "dcn_experiments.train", timeout: int = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DCN_DATA_ROOT": str(shared_data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", module, *args],
             cwd=tmp_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dcn_experiments.errors import UserError
-from dcn_experiments.report.compare import REPORT_FILE, write_report
+from dcn_experiments.report.compare import REPORT_FILE, collect_runs, failed_runs, write_report
 
 log = logging.getLogger("dcn_experiments.report")
 
 
 class ComparisonReportCallback(Callback):
-    """On multirun end: ``report.md`` + plots in ``hydra.sweep.dir``; the table is also logged."""
+    """On multirun end: ``report.md`` + plots in ``hydra.sweep.dir``; the table is also logged.
+
+    A sweep with a failed, missing or unreadable run still gets its report, then exits with code 1
+    so that scripts and CI notice.
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -26,3 +31,8 @@ class ComparisonReportCallback(Callback):
             log.warning("no comparison report: %s", error)
             return
         log.info("comparison report: %s\n\n%s", sweep_dir / REPORT_FILE, text)
+        failed = failed_runs(collect_runs(sweep_dir))
+        if failed:
+            names = ", ".join(f"{r['run_dir']} ({r['status']}: {r.get('reason')})" for r in failed)
+            log.error("%d job(s) of this sweep did not finish: %s", len(failed), names)
+            sys.exit(1)

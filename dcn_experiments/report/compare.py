@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -10,31 +9,53 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dcn_experiments.engine.results import FAILED, RUN_RECORD_FILE, RunRecordError, headline_metric, read_run_record
 from dcn_experiments.errors import DataError
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
-METRICS_FILE = "metrics.json"
+MISSING, UNREADABLE = "missing", "unreadable"
 
 
 def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Read every ``metrics.json`` below ``sweep_dir`` (sorted by path), adding ``run_dir``."""
+    """Every run below ``sweep_dir`` (sorted by path) with ``run_dir`` and ``overrides`` added.
+
+    A run is a folder with a ``metrics.json`` or a Hydra job folder (``.hydra/``). Runs that cannot
+    be compared are kept, never skipped: a job folder without a record gets ``status: missing``, a
+    corrupt record ``status: unreadable``, each with a ``reason``.
+    """
+    folders = {p.parent for p in sweep_dir.rglob(RUN_RECORD_FILE)}
+    folders |= {p.parent for p in sweep_dir.rglob(".hydra") if (p / "overrides.yaml").is_file()}
+    folders.discard(sweep_dir)  # a sweep folder's own .hydra is not a job
     runs = []
-    for path in sorted(sweep_dir.rglob(METRICS_FILE)):
-        try:
-            run = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            log.warning("skipping unreadable %s (%s)", path, error)
-            continue
-        run["run_dir"] = str(path.parent.relative_to(sweep_dir))
-        run["overrides"] = _shared_overrides(path.parent / ".hydra" / "overrides.yaml")
+    for folder in sorted(folders):
+        path = folder / RUN_RECORD_FILE
+        if not path.is_file():
+            run: dict[str, Any] = {"status": MISSING, "reason": f"no {RUN_RECORD_FILE}: the job never finished"}
+        else:
+            try:
+                run = read_run_record(path)
+            except RunRecordError as error:
+                run = {"status": UNREADABLE, "reason": str(error)}
+        run["run_dir"] = str(folder.relative_to(sweep_dir))
+        run["overrides"] = _shared_overrides(folder / ".hydra" / "overrides.yaml")
         runs.append(run)
     return runs
 
 
+def trained(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that trained (completed or diverged): the ones with numbers to compare."""
+    return [r for r in runs if r.get("status") not in (FAILED, MISSING, UNREADABLE)]
+
+
+def failed_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that failed, are missing their record, or whose record is unreadable."""
+    return [r for r in runs if r.get("status") in (FAILED, MISSING, UNREADABLE)]
+
+
 def metric_key(run: dict[str, Any]) -> str:
     """The headline metric of a run: ``val_acc`` or ``val_miou``."""
-    return "val_acc" if "val_acc" in run else "val_miou"
+    return headline_metric(run)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -100,8 +121,9 @@ def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return pairs
 
 
-def render_markdown(runs: list[dict[str, Any]], plots: list[str]) -> str:
-    """The report text: runs table, ratios table, plot links."""
+def render_markdown(all_runs: list[dict[str, Any]], plots: list[str]) -> str:
+    """The report text: runs table, ratios table, failed runs, plot links."""
+    runs = trained(all_runs)
     lines = ["# Regular vs deformable convolutions", ""]
     lines += [
         "| run | model | conv | placement | dataset | seed | params | val metric | value | val loss | epoch time (s) | throughput (img/s) |",  # noqa: E501
@@ -135,6 +157,11 @@ def render_markdown(runs: list[dict[str, Any]], plots: list[str]) -> str:
     diverged = [r["run_dir"] for r in runs if r.get("diverged")]
     if diverged:
         lines += ["", f"**Diverged (non-finite loss):** {', '.join(diverged)}"]
+    failed = failed_runs(all_runs)
+    if failed:
+        lines += ["", f"## Failed runs ({len(failed)} of {len(all_runs)})", ""]
+        lines += ["| run | status | reason |", "|---|---|---|"]
+        lines += [f"| {r['run_dir']} | {r['status']} | {str(r.get('reason', '')).replace('|', '/')} |" for r in failed]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -187,8 +214,8 @@ def write_report(sweep_dir: Path) -> str:
         raise DataError(f"sweep folder not found: {sweep_dir}; pass the folder a `dcn-train -m` run wrote")
     runs = collect_runs(sweep_dir)
     if not runs:
-        raise DataError(f"no metrics.json found under {sweep_dir}; is this a dcn-train multirun folder?")
-    plots = plot_runs(runs, sweep_dir)
+        raise DataError(f"no {RUN_RECORD_FILE} found under {sweep_dir}; is this a dcn-train multirun folder?")
+    plots = plot_runs(trained(runs), sweep_dir) if trained(runs) else []
     text = render_markdown(runs, plots)
     tmp = sweep_dir / f".{REPORT_FILE}.tmp"
     tmp.write_text(text)
