@@ -20,9 +20,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from dcn_experiments.cli import exit_on_user_error, one_line
-from dcn_experiments.data import DATASETS, make_loader
+from dcn_experiments.data import DATASETS, DataSplits, make_loader
 from dcn_experiments.engine import (
     TensorBoardLogger,
     Trainer,
@@ -73,10 +74,8 @@ def config_identity(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one model as configured, writing metrics.json, tb/ and checkpoints/ into ``run_dir``."""
-    device = resolve_device(cfg.device.name)
-    seed_everything(cfg.seed)
+def build_data(cfg: DictConfig) -> tuple[str, DataSplits]:
+    """The task the configured model does, and the configured dataset's splits for it."""
     task_name = MODELS.meta(cfg.model.name)["task"]
     served = DATASETS.meta(cfg.dataset.name)["tasks"]
     if task_name not in served:
@@ -87,11 +86,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data_cfg = _options(cfg.dataset, "batch_size", "num_workers")
     if data_cfg.get("root"):
         data_cfg["root"] = hydra.utils.to_absolute_path(os.path.expanduser(data_cfg["root"]))
-    data = DATASETS.build(cfg.dataset.name, task=task_name, seed=cfg.seed, **data_cfg)
-    conv_cfg = _options(cfg.conv)
-    model = MODELS.build(
-        cfg.model.name, num_classes=data.num_classes, conv=CONVS.build(cfg.conv.name, **conv_cfg), **_options(cfg.model)
-    ).to(device)
+    return task_name, DATASETS.build(cfg.dataset.name, task=task_name, seed=cfg.seed, **data_cfg)
+
+
+def build_model(cfg: DictConfig, data: DataSplits) -> nn.Module:
+    """The configured model (regular or deformable convolutions) for ``data``'s classes."""
+    conv = CONVS.build(cfg.conv.name, **_options(cfg.conv))
+    return MODELS.build(cfg.model.name, num_classes=data.num_classes, conv=conv, **_options(cfg.model))
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one model as configured, writing metrics.json, tb/ and checkpoints/ into ``run_dir``."""
+    device = resolve_device(cfg.device.name)
+    seed_everything(cfg.seed)
+    task_name, data = build_data(cfg)
+    model = build_model(cfg, data).to(device)
     if device.type == "cpu" and any(True for _ in deformable_layers(model)):
         cpu_extension_available()  # build the C++ kernel now, not inside the first timed epoch
     task = TASKS.build(
