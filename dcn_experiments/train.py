@@ -37,10 +37,11 @@ from dcn_experiments.engine import (
     summarize_run,
     write_run_record,
 )
+from dcn_experiments.engine.environment import environment
 from dcn_experiments.engine.trainer import batch_limit
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, deformable_layers
-from dcn_experiments.ops import cpu_extension_available
+from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
 from dcn_experiments.tasks import TASKS
 
 log = logging.getLogger("dcn_experiments")
@@ -155,9 +156,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run_dir / "checkpoints" / "last.pt",
         {"config": resolved, "identity": identity},
     )
+    reset_backend_usage()
     try:
         result = trainer.fit(train_loader, val_loader)
         metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details, result.diverged)
+        metrics["environment"] = environment(device, concurrent_jobs=_concurrent_jobs())
+        metrics["deformable_backend"] = "+".join(sorted(backend_usage())) or "none"
         write_run_record(run_dir, metrics)
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
     finally:
@@ -182,6 +186,15 @@ def _log_final(logger: TensorBoardLogger, cfg: DictConfig, key: str, metrics: di
             f"| {name} | {'n/a' if iou is None else f'{iou:.4f}'} |" for name, iou in metrics["per_class_iou"].items()
         )
         logger.text("per_class_iou", f"| class | IoU |\n|---|---|\n{rows}")
+
+
+def _concurrent_jobs() -> int:
+    """How many sweep jobs share this machine (a parallel launcher's ``n_jobs``; else 1)."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().get("launcher") or {}
+    jobs = launcher.get("n_jobs") if hasattr(launcher, "get") else None
+    return int(jobs) if isinstance(jobs, int) and jobs > 1 else 1
 
 
 def train_and_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

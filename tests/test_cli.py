@@ -55,6 +55,11 @@ def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -
     )
     assert len(metrics["epochs"]) == 2 and EPOCH_KEYS | {"train_acc", "val_acc"} <= metrics["epochs"][-1].keys()
     assert metrics["params"] > 0 and metrics["epochs"][-1]["offset_abs_mean"] >= 0
+    assert (metrics["schema_version"], metrics["status"]) == (2, "completed")
+    assert metrics["deformable_backend"] == "cpp-cpu"  # the C++ kernel really ran, not the fallback
+    env = metrics["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["cpu"] and env["host"] and env["gpu"] is None and env["concurrent_jobs"] == 1
     tags = _tags(run_dir)
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "time/throughput_img_s"):
         assert tag in tags["scalars"], tag
@@ -98,6 +103,8 @@ def test_multirun_writes_report_and_dcn_report_regenerates_it(run_cli, tmp_path:
     assert result.returncode == 0, result.stderr
     report = (sweep / "report.md").read_text()
     assert "| resnet34 | regular |" in report and "| resnet34 | deformable |" in report
+    regular = json.loads((sweep / "0_resnet34_regular" / "metrics.json").read_text())
+    assert regular["deformable_backend"] == "none"
     assert "## Deformable / regular" in report and "epoch time x" in report
     assert (sweep / "curves.png").is_file() and (sweep / "cost.png").is_file()
     (sweep / "report.md").unlink()

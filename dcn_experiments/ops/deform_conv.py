@@ -17,6 +17,7 @@ import os
 import platform
 import threading
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,6 +30,19 @@ log = logging.getLogger(__name__)
 _EXTENSION_SOURCE = Path(__file__).with_name("deform_conv2d_cpu.cpp")
 _extension_lock = threading.Lock()
 _extension_state: dict[str, object] = {}
+# Which implementation served each call (``backend_usage``): runs record the kernel that really ran.
+CPP_CPU, PYTORCH_FALLBACK, TORCHVISION_CUDA = "cpp-cpu", "pytorch-fallback", "torchvision-cuda"
+_backend_calls: Counter[str] = Counter()
+
+
+def backend_usage() -> dict[str, int]:
+    """Calls of :func:`deform_conv2d` per implementation since the last :func:`reset_backend_usage`."""
+    return dict(_backend_calls)
+
+
+def reset_backend_usage() -> None:
+    """Start counting :func:`backend_usage` afresh."""
+    _backend_calls.clear()
 
 
 def _load_cpu_extension() -> bool:
@@ -62,13 +76,13 @@ def _load_cpu_extension() -> bool:
             )
             _extension_state["loaded"] = True
         except Exception as error:
-            warnings.warn(
+            message = (
                 "dcn_experiments: could not build the C++ deformable-conv kernel "
                 f"({type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
-                "falling back to the slower pure-PyTorch implementation. Install gcc/g++ and ninja to fix.",
-                RuntimeWarning,
-                stacklevel=3,
+                "falling back to the slower pure-PyTorch implementation. Install gcc/g++ and ninja to fix."
             )
+            log.warning("%s", message)  # into the run's log, not only on stderr
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             _extension_state["loaded"] = False
     return bool(_extension_state["loaded"])
 
@@ -295,19 +309,24 @@ def deform_conv2d(
     if input.device.type == "cuda":
         tv_op = _torchvision_deform_conv2d()
         if tv_op is not None:
+            _backend_calls[TORCHVISION_CUDA] += 1
             out = tv_op(input, offset, weight, bias, stride, padding, dilation, mask)
             return out.contiguous(memory_format=memory_format_of(input))
+        _backend_calls[PYTORCH_FALLBACK] += 1
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
 
     offset_groups = _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     if input.device.type != "cpu" or any(t.device != input.device for t in tensors):
+        _backend_calls[PYTORCH_FALLBACK] += 1
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
     compute_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if not all(t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for t in tensors):
         raise RuntimeError(f"deform_conv2d: expected floating-point tensors, got {[t.dtype for t in tensors]}")
     if not _load_cpu_extension():
+        _backend_calls[PYTORCH_FALLBACK] += 1
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+    _backend_calls[CPP_CPU] += 1
     cast = [None if t is None else t.to(compute_dtype) for t in (input, offset, weight, bias, mask)]
     out = _DeformConv2dCPU.apply(cast[0], cast[1], cast[2], cast[3], cast[4], stride, padding, dilation, offset_groups)
     # Under autocast (or with half-precision inputs) hand back the input's dtype, like torchvision.
