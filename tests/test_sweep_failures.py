@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -64,7 +66,9 @@ def test_a_job_with_a_bad_value_fails_alone_with_its_one_line_reason(run_cli, tm
     failed = read_run_record(sweep / "0_resnet34_regular" / "metrics.json")
     assert failed["status"] == "failed" and failed["reason"] == "trainer.lr=-1 must be a positive number"
     assert read_run_record(sweep / "1_resnet34_regular" / "metrics.json")["status"] == "completed"
-    assert "| 0_resnet34_regular | failed | trainer.lr=-1 must be a positive number |" in (sweep / "report.md").read_text()
+    assert (
+        "| 0_resnet34_regular | failed | trainer.lr=-1 must be a positive number |" in (sweep / "report.md").read_text()
+    )
 
 
 def test_report_names_failed_missing_and_corrupt_runs(tmp_path: Path) -> None:
@@ -95,3 +99,19 @@ def test_exit_descriptions_name_the_signal() -> None:
     assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV (segmentation fault)"
     assert describe_exit(-signal.SIGABRT) == "killed by SIGABRT (aborted)"
     assert describe_exit(2) == "exit code 2"
+
+
+def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "dcn_experiments.train", "-m", "experiment=smoke", "trainer.epochs=0"]
+    sweeps = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    for sweep in sweeps:
+        sweep.communicate(timeout=300)
+    folders = sorted(p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
+    assert len(folders) == 2, folders
+    for folder in folders:  # each holds exactly its own job, which failed on trainer.epochs=0
+        records = list(folder.glob("*/metrics.json"))
+        assert len(records) == 1 and read_run_record(records[0])["status"] == "failed"
