@@ -40,7 +40,7 @@ from dcn_experiments.engine import (
 from dcn_experiments.engine.environment import environment
 from dcn_experiments.engine.trainer import batch_limit
 from dcn_experiments.errors import ConfigError
-from dcn_experiments.models import CONVS, MODELS, deformable_layers
+from dcn_experiments.models import CONVS, MODELS, deformable_layers, flops_breakdown
 from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
 from dcn_experiments.tasks import TASKS
 
@@ -124,9 +124,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"trainer.epochs={t.epochs} must be >= 1")
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = flops_breakdown(model, tuple(data.val[0][0].shape))
     identity = {
         **config_identity(cfg),
         "params": params,
+        "flops_per_image": sum(flops.values()),
+        "flops_breakdown": flops,
         "device": device.type,
         "deformable_layers": sum(1 for _ in deformable_layers(model)),
     }

@@ -57,6 +57,8 @@ def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -
     assert metrics["params"] > 0 and metrics["epochs"][-1]["offset_abs_mean"] >= 0
     assert (metrics["schema_version"], metrics["status"]) == (2, "completed")
     assert metrics["deformable_backend"] == "cpp-cpu"  # the C++ kernel really ran, not the fallback
+    breakdown = metrics["flops_breakdown"]
+    assert metrics["flops_per_image"] == sum(breakdown.values()) and breakdown["deform_sampling"] > 0
     env = metrics["environment"]
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
     assert env["cpu"] and env["host"] and env["gpu"] is None and env["concurrent_jobs"] == 1
@@ -104,7 +106,10 @@ def test_multirun_writes_report_and_dcn_report_regenerates_it(run_cli, tmp_path:
     report = (sweep / "report.md").read_text()
     assert "| resnet34 | regular |" in report and "| resnet34 | deformable |" in report
     regular = json.loads((sweep / "0_resnet34_regular" / "metrics.json").read_text())
-    assert regular["deformable_backend"] == "none"
+    deformable = json.loads((sweep / "1_resnet34_deformable" / "metrics.json").read_text())
+    assert regular["deformable_backend"] == "none" and regular["flops_breakdown"]["deform_offset_branch"] == 0
+    extra = deformable["flops_breakdown"]["deform_offset_branch"] + deformable["flops_breakdown"]["deform_sampling"]
+    assert deformable["flops_per_image"] == regular["flops_per_image"] + extra
     assert "## Deformable / regular" in report and "epoch time x" in report
     assert (sweep / "curves.png").is_file() and (sweep / "cost.png").is_file()
     (sweep / "report.md").unlink()
