@@ -42,6 +42,7 @@ from dcn_experiments.engine.trainer import batch_limit
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, deformable_layers, flops_breakdown
 from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
+from dcn_experiments.report.offsets import offset_view_logger, write_offset_views
 from dcn_experiments.tasks import TASKS
 
 log = logging.getLogger("dcn_experiments")
@@ -148,6 +149,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     settings = TrainerSettings(
         t.epochs, t.limit_train_batches, t.limit_val_batches, t.amp, t.amp_dtype, t.grad_clip, t.progress
     )
+    view_images = torch.stack([data.val[i][0] for i in range(min(4, len(data.val)))]).to(device)
     trainer = Trainer(
         model,
         task,
@@ -158,6 +160,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger,
         run_dir / "checkpoints" / "last.pt",
         {"config": resolved, "identity": identity},
+        epoch_end=offset_view_logger(model, view_images, logger.image),
     )
     reset_backend_usage()
     try:
@@ -167,6 +170,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics["deformable_backend"] = "+".join(sorted(backend_usage())) or "none"
         write_run_record(run_dir, metrics)
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
+        if identity["deformable_layers"]:
+            write_offset_views(model, view_images, run_dir)
     finally:
         logger.close()
     return metrics

@@ -19,7 +19,7 @@ EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "epoch_time_s", "train_throughp
 
 
 def _tags(run_dir: Path) -> dict[str, list[str]]:
-    tags: dict[str, set[str]] = {"scalars": set(), "tensors": set()}
+    tags: dict[str, set[str]] = {"scalars": set(), "tensors": set(), "images": set()}
     for events in (run_dir / "tb").glob("events.out.tfevents*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
@@ -66,6 +66,8 @@ def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "time/throughput_img_s"):
         assert tag in tags["scalars"], tag
     assert any(t.startswith("offsets/") and t.endswith("/abs_max") for t in tags["scalars"])
+    assert tags["images"] == ["offsets/stages.3.2.conv2"]  # where the last deformable layer samples
+    assert (run_dir / "offsets_stages.3.2.conv2.png").stat().st_size > 0
     assert any(t.startswith("config") for t in tags["tensors"])  # resolved config as text
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["conv"]["name"] == "deformable"

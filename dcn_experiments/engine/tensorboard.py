@@ -1,9 +1,10 @@
-"""TensorBoard logging: scalars, hparams in the same run, and the resolved config as text."""
+"""TensorBoard logging: scalars, images, hparams in the same run, and the resolved config as text."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -18,6 +19,10 @@ class TensorBoardLogger:
         """Log each ``tag: value`` at ``step``."""
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Log an RGB uint8 image of shape (H, W, 3) at ``step``."""
+        self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         """Log markdown text (TensorBoard renders it in the Text tab)."""

@@ -6,7 +6,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,10 @@ class Trainer:
         logger: TensorBoardLogger,
         checkpoint_path: Path,
         checkpoint_extra: dict[str, Any],
+        epoch_end: Callable[[int], None] | None = None,
     ) -> None:
         self.model, self.task, self.optimizer, self.schedule = model, task, optimizer, schedule
+        self.epoch_end = epoch_end  # called with the epoch number after each epoch's logging
         self.device, self.settings, self.logger = device, settings, logger
         self.checkpoint_path, self.checkpoint_extra = checkpoint_path, checkpoint_extra
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.amp_dtype)
@@ -211,6 +213,8 @@ class Trainer:
             result.epochs.append(record)
             result.final_details = details
             self._log_epoch(record, offsets)
+            if self.epoch_end is not None:
+                self.epoch_end(epoch)
             best = max(best, record[f"val_{key}"])
             self._save(epoch, best)
             log.info(
