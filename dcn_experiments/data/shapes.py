@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from dcn_experiments.atomic import atomic_write
 from dcn_experiments.data.coco import CocoSegmentation
 from dcn_experiments.data.registry import DATASETS, DataSplits
 from dcn_experiments.data.shapes_render import SHAPE_CLASSES, render_scene, scene_rng
@@ -69,11 +69,8 @@ def render_classification_split(
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def cached_classification_split(

@@ -1,13 +1,13 @@
-"""Self-describing checkpoints, written atomically (temp file + rename)."""
+"""Self-describing checkpoints, written atomically (dcn_experiments.atomic)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dcn_experiments.atomic import atomic_write
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -16,17 +16,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     The payload must hold only tensors and plain containers/scalars, so that it loads with
     ``torch.load(path, weights_only=True)``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dcn_experiments.atomic import atomic_write_text
 
 RUN_RECORD_FILE = "metrics.json"
 SCHEMA_VERSION = 2
@@ -120,17 +120,7 @@ def read_run_record(path: Path) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON via a temp file in the same folder, fsync and rename (NaN written as null)."""
-    text = json.dumps(_nan_to_none(payload), indent=2)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(_nan_to_none(payload), indent=2) + "\n")
 
 
 def _nan_to_none(value: Any) -> Any:
