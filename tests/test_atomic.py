@@ -18,6 +18,9 @@ def test_replaces_the_file_and_leaves_no_temp(tmp_path: Path) -> None:
     atomic_write_text(target, "second")
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["record.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_a_crash_while_writing_keeps_the_previous_file(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <map>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -346,11 +347,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const bool planes_direct = grad_out_.is_contiguous() && use_planes_directly(g, block);
     const at::Tensor grad_planes = planes_direct ? grad_out_.view({g.batch, groups, Og, L}) : at::Tensor();
     const at::Tensor grad_rows = planes_direct ? at::Tensor() : channels_last_rows(grad_out_).view({g.batch * L, O});
-    std::mutex reduce_lock;
+    // Per-chunk weight-gradient partials, summed in chunk order afterwards: the result does not
+    // depend on which thread finishes first (bitwise-reproducible runs, exact resume).
+    std::mutex partials_lock;
+    std::map<int64_t, at::Tensor> partials;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
       at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
         at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
-        // Per-thread weight-gradient accumulator, summed into grad_wmat once at the end.
         at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
         for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
           auto grad_grouped = planes_direct  // (g, rows, O/g)
@@ -382,11 +385,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           }
         });
         if (need_weight) {
-          std::lock_guard<std::mutex> guard(reduce_lock);
-          grad_wmat.add_(local_gw);
+          std::lock_guard<std::mutex> guard(partials_lock);
+          partials.emplace(b_begin, local_gw);
         }
       });
     });
+    for (auto& entry : partials) grad_wmat.add_(entry.second);
   }
 
   if (need_input) {  // in the input's memory format, as the forward's output
