@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from dcn_experiments.engine import (
     write_run_record,
 )
 from dcn_experiments.engine.environment import environment
-from dcn_experiments.engine.trainer import batch_limit
+from dcn_experiments.engine.resume import load_resume_state, resume_checkpoint
+from dcn_experiments.engine.trainer import TrainingStoppedError, batch_limit
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, deformable_layers, flops_breakdown
 from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
@@ -144,10 +146,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         device,
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = TensorBoardLogger(run_dir / "tb")
+    resume_from = resume_checkpoint(t.resume, run_dir)
+    resume_state = load_resume_state(resume_from, resolved) if resume_from else None
+    # On resume, TensorBoard drops whatever the stopped run logged after its checkpoint.
+    logger = TensorBoardLogger(run_dir / "tb", purge_step=resume_state["epoch"] + 1 if resume_state else None)
     logger.text("config", f"```yaml\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
     settings = TrainerSettings(
-        t.epochs, t.limit_train_batches, t.limit_val_batches, t.amp, t.amp_dtype, t.grad_clip, t.progress
+        t.epochs,
+        t.limit_train_batches,
+        t.limit_val_batches,
+        t.amp,
+        t.amp_dtype,
+        t.grad_clip,
+        t.progress,
+        t.checkpoint_every_n_steps,
+        t.skip_nonfinite,
     )
     view_images = torch.stack([data.val[i][0] for i in range(min(4, len(data.val)))]).to(device)
     trainer = Trainer(
@@ -158,20 +171,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         device,
         settings,
         logger,
-        run_dir / "checkpoints" / "last.pt",
+        run_dir / "checkpoints",
         {"config": resolved, "identity": identity},
         epoch_end=offset_view_logger(model, view_images, logger.image),
     )
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        log.info(
+            "resuming from %s: %d epoch(s) done, step %d of the next",
+            resume_from,
+            trainer.epochs_done,
+            resume_state["step_in_epoch"],
+        )
     reset_backend_usage()
     try:
         result = trainer.fit(train_loader, val_loader)
         metrics = summarize_run(identity, result.epochs, task.metric_key, result.final_details, result.diverged)
+        if result.divergence:
+            metrics["reason"] = result.divergence
+        metrics["skipped_nonfinite_batches"] = result.skipped_nonfinite
+        metrics["resumed_from"] = str(resume_from) if resume_from else None
         metrics["environment"] = environment(device, concurrent_jobs=_concurrent_jobs())
         metrics["deformable_backend"] = "+".join(sorted(backend_usage())) or "none"
         write_run_record(run_dir, metrics)
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
         if identity["deformable_layers"]:
             write_offset_views(model, view_images, run_dir)
+    except TrainingStoppedError as stop:
+        log.warning(
+            "%s; resume with the same command plus: trainer.resume=auto hydra.run.dir=%s", stop, run_dir.resolve()
+        )
+        raise
     finally:
         logger.close()
     return metrics
@@ -209,6 +239,8 @@ def train_and_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """:func:`train`; when it fails, a ``failed`` record with the one-line reason is left in ``run_dir``."""
     try:
         return train(cfg, run_dir)
+    except TrainingStoppedError:
+        raise  # not a failure: the checkpoint is written and the run can be resumed
     except Exception as error:
         record_failure(run_dir, config_identity(cfg), one_line(error))
         raise
@@ -221,7 +253,10 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return headline_value(run_isolated_job(train_and_record, cfg, run_dir, config_identity(cfg)))
-    return headline_value(train_and_record(cfg, run_dir))
+    try:
+        return headline_value(train_and_record(cfg, run_dir))
+    except TrainingStoppedError as stop:
+        sys.exit(stop.exit_code)  # the log already says how to resume
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dcn_experiments.cli import one_line
 from dcn_experiments.engine.results import FAILED, RUN_RECORD_FILE, read_run_record, record_failure
+from dcn_experiments.engine.trainer import TrainingStoppedError
 from dcn_experiments.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def _job_in_child(job: Job, config: dict, job_logging: dict, verbose: Any, run_d
     except UserError as error:
         log.error("error: %s", one_line(error))
         raise SystemExit(2) from None
+    except TrainingStoppedError as stop:
+        raise SystemExit(stop.exit_code) from None
     except Exception:
         log.exception("the run failed")
         raise SystemExit(1) from None
@@ -93,7 +96,10 @@ def run_isolated_job(job: Job, cfg: DictConfig, run_dir: Path, identity: dict[st
     record = read_run_record(path) if fresh else None
     if exitcode != 0 and (record is None or record.get("status") != FAILED):
         reason = f"the training process was {describe_exit(exitcode)}"
-        if exitcode < 0:
+        if exitcode in (130, 143):
+            reason = "stopped by SIGINT/SIGTERM after writing a checkpoint; rerun the sweep with "
+            reason += "hydra.sweep.dir=<this sweep> trainer.resume=auto to continue"
+        elif exitcode < 0:
             reason += "; rerun this job alone (same overrides) to reproduce it"
         if record is not None:  # it finished its record, then died: keep the numbers, mark the death
             path.unlink()

@@ -12,8 +12,9 @@ from torch.utils.tensorboard.summary import hparams
 class TensorBoardLogger:
     """Thin wrapper over ``SummaryWriter`` writing into ``<run_dir>/tb``."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        # purge_step: a resumed run hides the events a stopped one wrote at steps >= purge_step
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Log each ``tag: value`` at ``step``."""
@@ -39,6 +40,10 @@ class TensorBoardLogger:
             self.writer.file_writer.add_summary(summary)
         for tag, value in final_metrics.items():
             self.writer.add_scalar(tag, value, 0)
+
+    def flush(self) -> None:
+        """Write pending events to disk."""
+        self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file."""

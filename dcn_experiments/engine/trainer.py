@@ -1,9 +1,20 @@
-"""The training loop: epochs of train + validation, logging, checkpoints, metrics history."""
+"""The training loop: epochs of train + validation, logging, checkpoints, exact resume.
+
+A checkpoint holds everything the loop needs to continue as if it had never stopped: weights,
+optimizer, schedule and GradScaler state, the position (epochs done, batches done in the current
+epoch), every RNG state (Python, NumPy, torch CPU and CUDA), the data order of the current epoch,
+the partial sums of the epoch's loss and metric, the history and the best metric. On CPU, a run
+stopped anywhere and resumed ends with bitwise the same weights and metrics as one that was not
+(with ``dataset.num_workers=0``; with workers, the data order is exact but the workers'
+augmentation randomness of the resumed epoch is not).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -11,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,6 +35,8 @@ from dcn_experiments.models import deformable_layers
 from dcn_experiments.tasks import Task
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "dcn-experiments-checkpoint"
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -36,6 +50,8 @@ class TrainerSettings:
     amp_dtype: str = "bfloat16"
     grad_clip: float | None = None
     progress: bool = True
+    checkpoint_every_n_steps: int | None = None
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -45,6 +61,25 @@ class FitResult:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     final_details: dict[str, Any] = field(default_factory=dict)
     diverged: bool = False
+    divergence: str | None = None
+    skipped_nonfinite: int = 0
+
+
+class TrainingStoppedError(Exception):
+    """SIGTERM/SIGINT arrived; the loop finished its step and wrote a checkpoint to resume from."""
+
+    def __init__(self, signal_name: str, checkpoint: Path, epoch: int, step: int) -> None:
+        super().__init__(f"stopped by {signal_name} in epoch {epoch} after step {step}; checkpoint {checkpoint}")
+        self.signal_name, self.checkpoint, self.epoch, self.step = signal_name, checkpoint, epoch, step
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by that signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + signal.Signals[self.signal_name].value
+
+
+class _DivergedError(Exception):
+    """A non-finite loss stopped the epoch (the message says where)."""
 
 
 def batch_limit(limit: int | float | None, available: int, key: str) -> int:
@@ -67,8 +102,70 @@ def _take(loader: Iterable, count: int) -> Iterator:
         yield batch
 
 
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and plain data."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set a flag: the loop stops after the current step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then writing a checkpoint", self.received)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
-    """Runs the epochs for one model/task/data combination and records what a user compares."""
+    """Runs the epochs for one model/task/data combination and records what a user compares.
+
+    ``checkpoint_dir`` receives ``last.pt`` (every epoch end, every
+    ``settings.checkpoint_every_n_steps`` steps, and when stopped by SIGTERM/SIGINT) and ``best.pt``
+    (when the validation metric improves). ``resume_from`` (a checkpoint payload) continues a run.
+    """
 
     def __init__(
         self,
@@ -79,29 +176,43 @@ class Trainer:
         device: torch.device,
         settings: TrainerSettings,
         logger: TensorBoardLogger,
-        checkpoint_path: Path,
+        checkpoint_dir: Path,
         checkpoint_extra: dict[str, Any],
         epoch_end: Callable[[int], None] | None = None,
     ) -> None:
         self.model, self.task, self.optimizer, self.schedule = model, task, optimizer, schedule
-        self.epoch_end = epoch_end  # called with the epoch number after each epoch's logging
         self.device, self.settings, self.logger = device, settings, logger
-        self.checkpoint_path, self.checkpoint_extra = checkpoint_path, checkpoint_extra
+        self.checkpoint_dir, self.checkpoint_extra = checkpoint_dir, checkpoint_extra
+        self.epoch_end = epoch_end  # called with the epoch number after each epoch's logging
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.amp_dtype)
         if dtype is None:
             raise ConfigError(f"trainer.amp_dtype={settings.amp_dtype!r} is not valid; use bfloat16 or float16")
+        every = settings.checkpoint_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"trainer.checkpoint_every_n_steps={every} must be a positive integer or null")
         self.amp_dtype = dtype
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and dtype == torch.float16)
         self.global_step = 0
+        self.epochs_done = 0
+        self.best = -math.inf
+        self.result = FitResult()
+        self._resume_epoch: dict[str, Any] | None = None  # the partial epoch a checkpoint left
+        self._signals = _StopSignals()
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Where ``last.pt`` is written."""
+        return self.checkpoint_dir / "last.pt"
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.settings.amp)
 
-    def _progress(self, iterable: Iterable, total: int, desc: str) -> tqdm:
+    def _progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> tqdm:
         # disable=None: quiet when stderr is not a terminal (CI, log files)
         return tqdm(
             iterable,
             total=total,
+            initial=initial,
             desc=desc,
             leave=False,
             dynamic_ncols=True,
@@ -112,48 +223,136 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, epoch_progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint payload (tensors and plain data only: loads with ``weights_only=True``)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epochs_done,
+            "step": self.global_step,
+            "step_in_epoch": epoch_progress["step_in_epoch"] if epoch_progress else 0,
+            "epoch_progress": epoch_progress,
+            "best_metric": self.best,
+            "history": self.result.epochs,
+            "skipped_nonfinite": self.result.skipped_nonfinite,
+            "rng": rng_states(),
+            **self.checkpoint_extra,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`state_dict` (RNG states restored last)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epochs_done, self.global_step = int(state["epoch"]), int(state["step"])
+        self.best = float(state["best_metric"])
+        self.result.epochs = list(state.get("history") or [])
+        self.result.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        self._resume_epoch = state.get("epoch_progress")
+        restore_rng_states(state["rng"])
+
+    def _save(self, epoch_progress: dict[str, Any] | None = None) -> None:
+        self.logger.flush()  # what was logged before the checkpoint survives a SIGKILL after it
+        save_checkpoint(self.last_checkpoint, self.state_dict(epoch_progress))
+
+    # ------------------------------------------------------------------ loop
+
     def train_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
-        """One pass over (a limited number of) training batches."""
+        """One pass over (a limited number of) training batches, resumable mid-epoch."""
         self.model.train()
         metric = self.task.make_metric()
         count = batch_limit(self.settings.limit_train_batches, len(loader), "trainer.limit_train_batches")
-        loss_sum = torch.zeros((), device=self.device)
-        images = 0
+        resume, self._resume_epoch = self._resume_epoch, None
+        done, loss_sum, images, elapsed_before = 0, torch.zeros((), device=self.device, dtype=torch.float64), 0, 0.0
+        generator: torch.Generator | None = getattr(loader, "generator", None)
+        sampler = loader.sampler
+        if resume is not None:
+            done, images, elapsed_before = resume["step_in_epoch"], resume["images"], resume["elapsed_s"]
+            loss_sum += resume["loss_sum"].to(self.device)
+            metric.load_state_dict(resume["metric"])
+            for name, layer in deformable_layers(self.model):
+                layer.load_offset_stats(resume["offset_stats"].get(name))
+            if generator is not None:
+                generator.set_state(resume["data_order"])
+        # The data order of this epoch is drawn from the loader's generator when iteration starts:
+        # its state now, plus the batches done, is all a resume needs to see the same batches.
+        data_order = generator.get_state() if generator is not None else None
+        if hasattr(sampler, "skip"):
+            sampler.skip = done * (loader.batch_size or 1)
         data_time = step_time = 0.0
-        bar = self._progress(_take(loader, count), count, f"train {epoch}")
+        bar = self._progress(_take(loader, count - done), count, f"train {epoch}", initial=done)
         start = tick = time.perf_counter()
-        for inputs, targets in bar:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            loaded = time.perf_counter()
-            with self._autocast():
-                logits = self.model(inputs)
-                loss = self.task.loss(logits.float(), targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.settings.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.schedule.step()
-            self.global_step += 1
-            loss_sum += loss.detach() * inputs.shape[0]
-            images += inputs.shape[0]
-            metric.update(logits.detach(), targets)
-            now = time.perf_counter()
-            data_time += loaded - tick
-            step_time += now - loaded
-            tick = now
-            if bar.n % 10 == 0 and not bar.disable:
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}",
-                    data_ms=f"{1e3 * data_time / (bar.n + 1):.0f}",
-                    step_ms=f"{1e3 * step_time / (bar.n + 1):.0f}",
-                )
+        step_in_epoch = done
+        try:
+            for inputs, targets in bar:
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                loaded = time.perf_counter()
+                with self._autocast():
+                    logits = self.model(inputs)
+                    loss = self.task.loss(logits.float(), targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                step_in_epoch += 1
+                if not torch.isfinite(loss):
+                    if not self.settings.skip_nonfinite:
+                        raise _DivergedError(
+                            f"non-finite loss ({loss.item()}) in epoch {epoch} at step {step_in_epoch} "
+                            f"(global step {self.global_step + 1}); lower trainer.lr, set trainer.grad_clip, "
+                            "or trainer.skip_nonfinite=true to skip such batches"
+                        )
+                    self.result.skipped_nonfinite += 1
+                    log.warning("skipped a batch with a non-finite loss (epoch %d, step %d)", epoch, step_in_epoch)
+                else:
+                    self.scaler.scale(loss).backward()
+                    if self.settings.grad_clip:
+                        self.scaler.unscale_(self.optimizer)
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    loss_sum += loss.detach().double() * inputs.shape[0]
+                    images += inputs.shape[0]
+                    metric.update(logits.detach(), targets)
+                self.schedule.step()
+                self.global_step += 1
+                now = time.perf_counter()
+                data_time += loaded - tick
+                step_time += now - loaded
+                tick = now
+                if bar.n % 10 == 0 and not bar.disable:
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}",
+                        data_ms=f"{1e3 * data_time / (bar.n + 1):.0f}",
+                        step_ms=f"{1e3 * step_time / (bar.n + 1):.0f}",
+                    )
+                every = self.settings.checkpoint_every_n_steps
+                at_step_checkpoint = every and self.global_step % every == 0 and step_in_epoch < count
+                if at_step_checkpoint or (self._signals.received and step_in_epoch < count):
+                    progress = {
+                        "step_in_epoch": step_in_epoch,
+                        "images": images,
+                        "loss_sum": loss_sum.detach().cpu(),
+                        "elapsed_s": elapsed_before + time.perf_counter() - start,
+                        "metric": metric.state_dict(),
+                        "offset_stats": {n: layer.offset_stats_state() for n, layer in deformable_layers(self.model)},
+                        "data_order": data_order,
+                    }
+                    self._save(progress)
+                    if self._signals.received:
+                        raise TrainingStoppedError(self._signals.received, self.last_checkpoint, epoch, step_in_epoch)
+        finally:
+            bar.close()
+            if hasattr(sampler, "skip"):
+                sampler.skip = 0
         self._sync()
-        elapsed = time.perf_counter() - start
-        bar.close()
+        elapsed = elapsed_before + time.perf_counter() - start
         metric.reduce()
         return {
             "train_loss": (loss_sum / max(images, 1)).item(),
@@ -198,44 +397,59 @@ class Trainer:
         return stats
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> FitResult:
-        """Train for ``settings.epochs`` epochs, validating and checkpointing after each."""
-        result = FitResult()
+        """Train the remaining epochs, validating and checkpointing after each.
+
+        A non-finite loss stops the run (``result.diverged``) without touching the checkpoints.
+        SIGTERM/SIGINT finish the current step, write ``last.pt`` and raise
+        :class:`TrainingStoppedError`.
+        """
+        result = self.result
         key = self.task.metric_key
-        best = -math.inf
-        for epoch in range(1, self.settings.epochs + 1):
-            train = self.train_epoch(train_loader, epoch)
-            val, details = self.validate(val_loader, epoch)
-            offsets = self.offset_statistics()
-            record = {"epoch": epoch, **train, **val, "lr": self.optimizer.param_groups[0]["lr"]}
-            if offsets:
-                record["offset_abs_mean"] = statistics.fmean(mean for mean, _ in offsets.values())
-                record["offset_abs_max"] = max(peak for _, peak in offsets.values())
-            result.epochs.append(record)
-            result.final_details = details
-            self._log_epoch(record, offsets)
-            if self.epoch_end is not None:
-                self.epoch_end(epoch)
-            best = max(best, record[f"val_{key}"])
-            self._save(epoch, best)
-            log.info(
-                "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs  %.0f img/s",
-                epoch,
-                self.settings.epochs,
-                record["train_loss"],
-                key,
-                record[f"train_{key}"],
-                record["val_loss"],
-                key,
-                record[f"val_{key}"],
-                record["epoch_time_s"],
-                record["train_throughput_img_s"],
-            )
-            if not math.isfinite(record["train_loss"]):
-                log.error(
-                    "training diverged (non-finite loss) in epoch %d; stopping this run. Lower trainer.lr.", epoch
+        with self._signals:
+            for epoch in range(self.epochs_done + 1, self.settings.epochs + 1):
+                try:
+                    train = self.train_epoch(train_loader, epoch)
+                except _DivergedError as diverged:
+                    log.error("training diverged: %s; the last good checkpoint is kept", diverged)
+                    result.diverged, result.divergence = True, str(diverged)
+                    break
+                val, details = self.validate(val_loader, epoch)
+                offsets = self.offset_statistics()
+                record = {"epoch": epoch, **train, **val, "lr": self.optimizer.param_groups[0]["lr"]}
+                if offsets:
+                    record["offset_abs_mean"] = statistics.fmean(mean for mean, _ in offsets.values())
+                    record["offset_abs_max"] = max(peak for _, peak in offsets.values())
+                if not math.isfinite(record["train_loss"]) or not math.isfinite(record["val_loss"]):
+                    log.error("training diverged: non-finite loss after epoch %d; last good checkpoint kept", epoch)
+                    result.diverged, result.divergence = True, f"non-finite loss after epoch {epoch}"
+                    result.epochs.append(record)
+                    break
+                result.epochs.append(record)
+                result.final_details = details
+                self._log_epoch(record, offsets)
+                if self.epoch_end is not None:
+                    self.epoch_end(epoch)
+                self.epochs_done = epoch
+                improved = record[f"val_{key}"] > self.best
+                self.best = max(self.best, record[f"val_{key}"])
+                self._save()
+                if improved:
+                    save_checkpoint(self.checkpoint_dir / "best.pt", self.state_dict())
+                log.info(
+                    "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs  %.0f img/s",
+                    epoch,
+                    self.settings.epochs,
+                    record["train_loss"],
+                    key,
+                    record[f"train_{key}"],
+                    record["val_loss"],
+                    key,
+                    record[f"val_{key}"],
+                    record["epoch_time_s"],
+                    record["train_throughput_img_s"],
                 )
-                result.diverged = True
-                break
+                if self._signals.received:
+                    raise TrainingStoppedError(self._signals.received, self.last_checkpoint, epoch, 0)
         return result
 
     def _log_epoch(self, record: dict[str, Any], offsets: dict[str, tuple[float, float]]) -> None:
@@ -254,15 +468,3 @@ class Trainer:
         )
         for name, (mean, peak) in offsets.items():
             self.logger.scalars({f"offsets/{name}/abs_mean": mean, f"offsets/{name}/abs_max": peak}, epoch)
-
-    def _save(self, epoch: int, best: float) -> None:
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "epoch": epoch,
-            "step": self.global_step,
-            "best_metric": best,
-            **self.checkpoint_extra,
-        }
-        save_checkpoint(self.checkpoint_path, payload)

@@ -111,6 +111,14 @@ class DeformConv2d(nn.Module):
         self._offset_stats.clear()
         return float(stats[:, 0].mean()), float(stats[:, 1].max())
 
+    def offset_stats_state(self) -> Tensor | None:
+        """The per-step statistics gathered since the last pop (for a checkpoint taken mid-epoch)."""
+        return torch.stack(self._offset_stats).cpu() if self._offset_stats else None
+
+    def load_offset_stats(self, state: Tensor | None) -> None:
+        """Continue gathering from :meth:`offset_stats_state`."""
+        self._offset_stats = list(state.to(self.weight.device).unbind(0)) if state is not None else []
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -36,6 +36,14 @@ class Accuracy:
         """Sum the counts over all DDP processes."""
         _all_reduce(self.counts)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The counts so far (for a checkpoint taken mid-epoch)."""
+        return {"counts": self.counts.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.counts = state["counts"].clone()
+
     def compute(self) -> dict[str, float]:
         """``{"acc": correct / total}`` (0 before any update)."""
         correct, total = self.counts.tolist()
@@ -69,6 +77,14 @@ class ConfusionMatrix:
     def reduce(self) -> None:
         """Sum the matrix over all DDP processes."""
         _all_reduce(self.matrix)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The matrix so far (for a checkpoint taken mid-epoch)."""
+        return {"matrix": self.matrix.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.matrix = state["matrix"].clone()
 
     def per_class_iou(self) -> Tensor:
         """IoU per class (NaN where the class is absent from both prediction and target)."""
