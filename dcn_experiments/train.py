@@ -48,7 +48,7 @@ from dcn_experiments.report.offsets import offset_view_logger, write_offset_view
 from dcn_experiments.tasks import TASKS
 
 log = logging.getLogger("dcn_experiments")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (wheel too)
 
 
 def seed_everything(seed: int) -> None:

@@ -170,7 +170,7 @@ def test_invalid_arguments_raise_clear_errors(change: dict, message: str) -> Non
         deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
 
 
-def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch) -> None:
+def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch, caplog) -> None:
     from dcn_experiments.ops import deform_conv as module
 
     broken = tmp_path / "broken.cpp"
@@ -180,8 +180,12 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DCN_EXTENSION_DIR", str(tmp_path / "build"))
     with pytest.warns(RuntimeWarning, match="falling back to the slower pure-PyTorch implementation"):
         assert module.cpu_extension_available() is False
+    # also a log record, so the run's own log (train.log) says so
+    assert any("falling back" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     x, offset, weight, bias, s, p, d, mask = _inputs(CASES["basic"], torch.float64)
+    module.reset_backend_usage()
     torch.testing.assert_close(
         module.deform_conv2d(x, offset, weight, bias, s, p, d, mask),
         torchvision_ops.deform_conv2d(x, offset, weight, bias, s, p, d, mask),
     )
+    assert module.backend_usage() == {module.PYTORCH_FALLBACK: 1}  # recorded as deformable_backend

@@ -12,9 +12,12 @@ Three implementations sit behind the one function:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 import warnings
 from collections import Counter
@@ -45,6 +48,80 @@ def reset_backend_usage() -> None:
     _backend_calls.clear()
 
 
+CACHE_ROOT = Path.home() / ".cache" / "dcn-experiments"  # the project's one cache root (data, kernels)
+_COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """A short hash of what ``-march=native`` compiles for: machine, CPU model and ISA flags
+    (read from ``/proc/cpuinfo`` unless ``cpuinfo`` gives its text).
+
+    Part of the kernel cache key, so a home directory shared by machines with different CPUs (a
+    cluster) never hands one of them a binary built for another (which would die with SIGILL).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = platform.processor()
+    facts = [platform.machine(), " ".join(_COMPILE_FLAGS)]
+    for line in cpuinfo.splitlines():
+        if line.startswith(("model name", "flags", "Features", "CPU part")):
+            facts.append(" ".join(line.split(":", 1)[-1].split()))
+            if len(facts) >= 5:  # the first processor's lines are enough
+                break
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:12]
+
+
+def kernel_build_dir() -> Path:
+    """Where the C++ kernel is built and cached: ``$DCN_EXTENSION_DIR``, else
+    ``~/.cache/dcn-experiments/kernels/torch-<version>-<machine>-<cpu signature>``."""
+    explicit = os.environ.get("DCN_EXTENSION_DIR")
+    if explicit:
+        return Path(explicit)
+    return CACHE_ROOT / "kernels" / f"torch-{torch.__version__}-{platform.machine()}-{cpu_signature()}"
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build_and_load(build_dir: Path) -> None:
+    """Compile (or reuse) and load the kernel under an exclusive lock on the build folder.
+
+    The lock (``flock``, released by the OS even when its holder is killed) makes concurrent sweep
+    jobs build one after the other; the later ones load the finished binary. Each successful load
+    records the binary's SHA-256: a cached binary that does not match it (truncated by a full disk,
+    half-written by a killed build) is never loaded, since dlopen of such a file can kill the
+    process (SIGBUS); the folder is wiped and the kernel rebuilt.
+    """
+    from torch.utils.cpp_extension import load
+
+    name = "dcn_experiments_cpu"
+    binary, digest = build_dir / f"{name}.so", build_dir / f"{name}.so.sha256"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.exists() and (not digest.is_file() or digest.read_text().strip() != _file_digest(binary)):
+            log.warning("the cached deformable-conv kernel in %s is incomplete or corrupt; rebuilding it", build_dir)
+            for stale in build_dir.iterdir():
+                if stale.name != ".build.lock":
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        # cpp_extension's own lock file: under our lock nobody else is building, so one that
+        # exists was left by a killed build and would make load() wait forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        load(
+            name=name,
+            sources=[str(_EXTENSION_SOURCE)],
+            extra_cflags=_COMPILE_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+        digest.write_text(_file_digest(binary))
+
+
 def _load_cpu_extension() -> bool:
     """Build (once per machine, cached) and load the C++ CPU kernel; False if it cannot be built."""
     if "loaded" in _extension_state:
@@ -58,22 +135,7 @@ def _load_cpu_extension() -> bool:
         try:
             # cpp_extension logs a CUDA_HOME notice on import that means nothing for a CPU build.
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            from torch.utils.cpp_extension import load
-
-            build_dir = Path(
-                os.environ.get("DCN_EXTENSION_DIR")
-                or Path.home() / ".cache" / "dcn_experiments" / f"torch-{torch.__version__}-{platform.machine()}"
-            )
-            build_dir.mkdir(parents=True, exist_ok=True)
-            load(
-                name="dcn_experiments_cpu",
-                sources=[str(_EXTENSION_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=False,
-            )
+            _build_and_load(kernel_build_dir())
             _extension_state["loaded"] = True
         except Exception as error:
             message = (
