@@ -39,8 +39,9 @@ from dcn_experiments.engine import (
     write_run_record,
 )
 from dcn_experiments.engine.environment import environment
+from dcn_experiments.engine.evaluate import batch_limit
 from dcn_experiments.engine.resume import load_resume_state, resume_checkpoint
-from dcn_experiments.engine.trainer import TrainingStoppedError, batch_limit
+from dcn_experiments.engine.trainer import TrainingStoppedError
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, deformable_layers, flops_breakdown
 from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
@@ -197,6 +198,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
         if identity["deformable_layers"]:
             write_offset_views(model, view_images, run_dir)
+        if cfg.report.robustness and metrics["status"] == "completed":
+            from dcn_experiments.eval import evaluate_robustness  # eval builds on this module
+
+            logger.close()  # robustness.json is the evaluation's output, not the run's events
+            evaluate_robustness(run_dir)
     except TrainingStoppedError as stop:
         log.warning(
             "%s; resume with the same command plus: trainer.resume=auto hydra.run.dir=%s", stop, run_dir.resolve()

@@ -115,3 +115,32 @@ def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> No
     for folder in folders:  # each holds exactly its own job, which failed on trainer.epochs=0
         records = list(folder.glob("*/metrics.json"))
         assert len(records) == 1 and read_run_record(records[0])["status"] == "failed"
+
+
+def test_smoke_sweep_of_two_seeds_and_both_arms_with_robustness_writes_every_file(run_cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        "experiment=smoke",
+        "conv=regular,deformable",
+        "seed=0,1",
+        "report.robustness=true",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("report.md", "report.json", "curves.png", "cost.png", "differences.png", "robustness_by_arm.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(runs) == 4
+    for run in runs:
+        record = read_run_record(run / "metrics.json")
+        robustness = json.loads((run / "robustness.json").read_text())
+        assert robustness["clean"] == record["val_acc"]  # strength 0 reproduces the run's own metric
+        assert (run / "robustness.png").is_file()
+        assert (run / "offsets_stages.3.2.conv2.png").is_file() == (record["conv"] == "deformable")
+    report = json.loads((sweep / "report.json").read_text())
+    (group,) = report["groups"]
+    assert group["arms"]["regular"]["n"] == group["arms"]["deformable"]["n"] == 2
+    assert group["difference"]["n"] == 2 and len(group["difference"]["ci95"]) == 2
+    assert set(group["robustness"]) == {"rotation", "scale", "translation"}
+    assert report["failed"] == []

@@ -2,6 +2,7 @@
 
 from dcn_experiments.engine.checkpoint import load_checkpoint, save_checkpoint
 from dcn_experiments.engine.device import resolve_device
+from dcn_experiments.engine.evaluate import batch_limit
 from dcn_experiments.engine.isolation import describe_exit, run_in_child_process, run_isolated_job
 from dcn_experiments.engine.optim import build_optimizer, build_schedule
 from dcn_experiments.engine.results import (
@@ -15,7 +16,7 @@ from dcn_experiments.engine.results import (
     write_run_record,
 )
 from dcn_experiments.engine.tensorboard import TensorBoardLogger
-from dcn_experiments.engine.trainer import Trainer, TrainerSettings, batch_limit
+from dcn_experiments.engine.trainer import Trainer, TrainerSettings
 
 __all__ = [
     "RUN_RECORD_FILE",

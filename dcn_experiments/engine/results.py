@@ -22,6 +22,7 @@ from typing import Any
 from dcn_experiments.atomic import atomic_write_text
 
 RUN_RECORD_FILE = "metrics.json"
+ROBUSTNESS_FILE = "robustness.json"  # dcn-eval's results, beside the run record
 SCHEMA_VERSION = 2
 COMPLETED, DIVERGED, FAILED = "completed", "diverged", "failed"
 STATUSES = (COMPLETED, DIVERGED, FAILED)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcn_experiments.engine.checkpoint import save_checkpoint
+from dcn_experiments.engine.evaluate import batch_limit, evaluate
 from dcn_experiments.engine.tensorboard import TensorBoardLogger
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import deformable_layers
@@ -80,19 +81,6 @@ class TrainingStoppedError(Exception):
 
 class _DivergedError(Exception):
     """A non-finite loss stopped the epoch (the message says where)."""
-
-
-def batch_limit(limit: int | float | None, available: int, key: str) -> int:
-    """Number of batches to run: all (``None``), an integer count, or a fraction in (0, 1]."""
-    if limit is None:
-        return available
-    if isinstance(limit, bool) or limit <= 0:
-        raise ConfigError(f"{key}={limit} must be a positive batch count or a fraction in (0, 1]")
-    if isinstance(limit, float) and limit <= 1.0:
-        return max(1, int(available * limit))
-    if isinstance(limit, float) and not limit.is_integer():
-        raise ConfigError(f"{key}={limit}: use an integer batch count or a fraction in (0, 1]")
-    return min(available, int(limit))
 
 
 def _take(loader: Iterable, count: int) -> Iterator:
@@ -362,30 +350,20 @@ class Trainer:
             "data_time_s": data_time,
         }
 
-    @torch.no_grad()
     def validate(self, loader: DataLoader, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
-        """Loss and metric over (a limited number of) validation batches."""
-        self.model.eval()
-        metric = self.task.make_metric()
-        count = batch_limit(self.settings.limit_val_batches, len(loader), "trainer.limit_val_batches")
-        loss_sum = torch.zeros((), device=self.device)
-        images = 0
-        start = time.perf_counter()
-        for inputs, targets in self._progress(_take(loader, count), count, f"val {epoch}"):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.model(inputs)
-            loss_sum += self.task.loss(logits.float(), targets) * inputs.shape[0]
-            images += inputs.shape[0]
-            metric.update(logits, targets)
-        metric.reduce()
-        summary = {
-            "val_loss": (loss_sum / max(images, 1)).item(),
-            f"val_{self.task.metric_key}": metric.compute()[self.task.metric_key],
-            "val_time_s": time.perf_counter() - start,
-        }
-        return summary, self.task.final_details(metric)
+        """Loss and metric over (a limited number of) validation batches (see engine.evaluate)."""
+        result = evaluate(
+            self.model,
+            self.task,
+            loader,
+            self.device,
+            self.settings.limit_val_batches,
+            amp_dtype=self.amp_dtype if self.settings.amp else None,
+            progress=lambda batches, count: self._progress(batches, count, f"val {epoch}"),
+        )
+        key = self.task.metric_key
+        summary = {"val_loss": result["loss"], f"val_{key}": result[key], "val_time_s": result["time_s"]}
+        return summary, result["details"]
 
     def offset_statistics(self) -> dict[str, tuple[float, float]]:
         """Mean and max |offset| per deformable layer over the last training epoch."""

@@ -15,6 +15,7 @@ from dcn_experiments.engine.results import (
     COMPLETED,
     DIVERGED,
     FAILED,
+    ROBUSTNESS_FILE,
     RUN_RECORD_FILE,
     RunRecordError,
     read_run_record,
@@ -22,7 +23,6 @@ from dcn_experiments.engine.results import (
 
 log = logging.getLogger(__name__)
 MISSING, UNREADABLE = "missing", "unreadable"
-ROBUSTNESS_FILE = "robustness.json"
 
 
 def collect_runs(sweep_dirs: Path | Sequence[Path]) -> list[dict[str, Any]]:
