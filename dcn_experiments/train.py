@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dcn_experiments.cli import exit_on_user_error, one_line
+from dcn_experiments.cli import CONFIG_DIR, check_overrides, exit_on_user_error, one_line
 from dcn_experiments.data import DATASETS, DataSplits, make_loader
 from dcn_experiments.engine import (
     TensorBoardLogger,
@@ -49,7 +49,6 @@ from dcn_experiments.report.offsets import offset_view_logger, write_offset_view
 from dcn_experiments.tasks import TASKS
 
 log = logging.getLogger("dcn_experiments")
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (wheel too)
 
 
 def seed_everything(seed: int) -> None:
@@ -191,6 +190,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if result.divergence:
             metrics["reason"] = result.divergence
         metrics["skipped_nonfinite_batches"] = result.skipped_nonfinite
+        metrics["data_caveats"] = data.caveats  # e.g. a skipped checksum: it changes what was trained on
         metrics["resumed_from"] = str(resume_from) if resume_from else None
         metrics["environment"] = environment(device, concurrent_jobs=_concurrent_jobs())
         metrics["deformable_backend"] = "+".join(sorted(backend_usage())) or "none"
@@ -252,7 +252,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: train one configuration, return its final validation metric."""
@@ -265,5 +265,11 @@ def main(cfg: DictConfig) -> float:
         sys.exit(stop.exit_code)  # the log already says how to resume
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script: bad overrides are one-line errors (exit 2), then the Hydra entry point."""
+    exit_on_user_error(check_overrides)(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

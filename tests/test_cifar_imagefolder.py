@@ -45,7 +45,7 @@ def write_fake_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
 def test_cifar10_loads_official_pickle_batches(tmp_path: Path) -> None:
     folder = write_fake_cifar10(tmp_path)
     splits = DATASETS.build(
-        "cifar10", task="classification", seed=0, root=str(tmp_path), augment=False, normalize=False
+        "cifar10", task="classification", seed=0, root=str(tmp_path), augment=False, normalize=False, verify=False
     )
     assert len(splits.train) == 20 and len(splits.val) == 4 and splits.num_classes == 10
     image, label = splits.val[0]
@@ -57,14 +57,16 @@ def test_cifar10_loads_official_pickle_batches(tmp_path: Path) -> None:
 
 def test_cifar10_normalise_and_augment(tmp_path: Path) -> None:
     write_fake_cifar10(tmp_path)
-    splits = DATASETS.build("cifar10", task="classification", seed=0, root=str(tmp_path), augment=True, normalize=True)
+    splits = DATASETS.build(
+        "cifar10", task="classification", seed=0, root=str(tmp_path), augment=True, normalize=True, verify=False
+    )
     image, _ = splits.train[0]
     assert image.shape == (3, 32, 32) and image.min() < 0
 
 
 def test_cifar10_missing_offline_names_path_and_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"CIFAR-10 not found at .*cifar-10-batches-py.*dataset.download=true"):
-        DATASETS.build("cifar10", task="classification", seed=0, root=str(tmp_path / "nowhere"))
+        DATASETS.build("cifar10", verify=False, task="classification", seed=0, root=str(tmp_path / "nowhere"))
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:

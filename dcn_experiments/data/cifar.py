@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5
 
 from dcn_experiments.data.registry import DATASETS, DataSplits
 from dcn_experiments.data.transforms import CIFAR10_MEAN, CIFAR10_STD, classification_transforms
 from dcn_experiments.errors import DataError
 
+log = logging.getLogger(__name__)
+
 
 class CIFAR10Batches(CIFAR10):
     """``torchvision.datasets.CIFAR10`` that accepts any batches in the official python-pickle format.
 
-    torchvision verifies the md5 of the official files; we only require that the files exist, so
-    subsets and re-packed batches load too. Unreadable pickles still fail loudly on load.
+    torchvision verifies the md5 of the official files on open; here opening only requires that the
+    files exist, so subsets and re-packed batches load too, and :func:`verify_cifar10` checks the
+    official checksums when ``dataset.verify`` is true. Unreadable pickles still fail loudly on load.
     """
 
     def _check_integrity(self) -> bool:
@@ -30,15 +35,30 @@ class CIFAR10Batches(CIFAR10):
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
 
+def verify_cifar10(folder: Path) -> None:
+    """Check each file of ``cifar-10-batches-py`` against torchvision's official md5; ``DataError`` names the first
+    file that differs."""
+    official = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    for name, md5 in official:
+        if calculate_md5(folder / name) != md5:
+            raise DataError(
+                f"CIFAR-10 file {folder / name} fails the official md5 check; re-download, or "
+                "dataset.verify=false for a hand-made set"
+            )
+
+
 def _open_cifar10(root: Path, train: bool, download: bool, transform) -> CIFAR10:
     try:
         return CIFAR10Batches(str(root), train=train, download=download, transform=transform)
     except RuntimeError as error:
         if "not found or corrupted" in str(error):
-            raise DataError(
-                f"CIFAR-10 not found at {root / 'cifar-10-batches-py'}; set dataset.root to the folder that "
-                "holds cifar-10-batches-py, or add dataset.download=true to fetch it"
-            ) from None
+            hint = (
+                f"; dataset.root points at cifar-10-batches-py itself, use its parent {root.parent}"
+                if root.name == CIFAR10.base_folder
+                else "; set dataset.root to the folder that holds cifar-10-batches-py, or add dataset.download=true "
+                "to fetch it"
+            )
+            raise DataError(f"CIFAR-10 not found at {root / CIFAR10.base_folder}{hint}") from None
         raise
     except OSError as error:  # network failure while downloading, unreadable files
         action = "download CIFAR-10 into" if download else "read CIFAR-10 from"
@@ -46,7 +66,7 @@ def _open_cifar10(root: Path, train: bool, download: bool, transform) -> CIFAR10
             f"could not {action} {root} ({error}); copy cifar-10-batches-py there by hand if this machine is offline"
         ) from None
     except Exception as error:
-        raise DataError(f"CIFAR-10 files under {root / 'cifar-10-batches-py'} are unreadable ({error})") from None
+        raise DataError(f"CIFAR-10 files under {root / CIFAR10.base_folder} are unreadable ({error})") from None
 
 
 @DATASETS.register("cifar10", tasks=("classification",))
@@ -57,14 +77,22 @@ def cifar10(
     download: bool = False,
     augment: bool = True,
     normalize: bool = True,
+    verify: bool = True,
 ) -> DataSplits:
-    """CIFAR-10 train (50k) / test (10k) as train / val."""
+    """CIFAR-10 train (50k) / test (10k) as train / val; ``verify`` checks the official md5 of every file."""
     del task, seed
     root_path = Path(root).expanduser()
     train = _open_cifar10(
         root_path, True, download, classification_transforms(True, augment, normalize, CIFAR10_MEAN, CIFAR10_STD)
     )
+    caveats = []
+    folder = root_path / CIFAR10.base_folder
+    if verify:
+        verify_cifar10(folder)
+    else:
+        caveats.append(f"CIFAR-10 md5 check skipped (dataset.verify=false): {folder} may not be the official set")
+        log.warning("%s; its numbers are not comparable to official CIFAR-10 results", caveats[-1])
     val = _open_cifar10(
         root_path, False, download, classification_transforms(False, augment, normalize, CIFAR10_MEAN, CIFAR10_STD)
     )
-    return DataSplits(train, val, num_classes=len(train.classes), class_names=list(train.classes))
+    return DataSplits(train, val, num_classes=len(train.classes), class_names=list(train.classes), caveats=caveats)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dcn_experiments.data.coco import CocoSegmentation
 from dcn_experiments.data.registry import DATASETS, DataSplits
-from dcn_experiments.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
+from dcn_experiments.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, check_image_size
 from dcn_experiments.errors import DataError
 
 
@@ -27,6 +27,7 @@ def coco(
 ) -> DataSplits:
     """``root/<split>/*.jpg`` + ``root/annotations/instances_<split>.json`` for train and val."""
     del task, seed
+    check_image_size(image_size)
     if not root:
         raise DataError("dataset=coco needs dataset.root=PATH (holding train2017/, val2017/ and annotations/)")
     root_path = Path(root).expanduser()
@@ -51,6 +52,7 @@ def coco(
             overlap=overlap,
             ignore_index=ignore_index,
         )
+    check_same_categories(splits["train"], splits["val"])
     return DataSplits(
         splits["train"],
         splits["val"],
@@ -58,3 +60,15 @@ def coco(
         class_names=splits["val"].class_names,
         ignore_index=ignore_index,
     )
+
+
+def check_same_categories(train: CocoSegmentation, val: CocoSegmentation) -> None:
+    """The train and val annotation files must map the selected category ids to the same names."""
+    names = [{c: split.coco.cats[c]["name"] for c in split.category_ids} for split in (train, val)]
+    if names[0] != names[1]:
+        differ = sorted(set(names[0].items()) ^ set(names[1].items()))
+        raise DataError(
+            f"categories differ between {train.annotation_file} and {val.annotation_file} "
+            f"(id: name pairs in only one of them: {', '.join(f'{i}: {n}' for i, n in differ[:6])}); "
+            "both splits need the same categories list, or pick common ones with dataset.categories"
+        )

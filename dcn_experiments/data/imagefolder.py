@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dcn_experiments.data.registry import DATASETS, DataSplits
-from dcn_experiments.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_transforms
+from dcn_experiments.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_image_size,
+    classification_transforms,
+)
 from dcn_experiments.errors import DataError
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB; an unreadable file raises ``DataError`` naming it (never skipped)."""
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DataError(f"cannot read image {path} ({error}); replace or delete the file") from None
 
 
 def _open_folder(folder: Path, transform) -> ImageFolder:
@@ -17,8 +33,14 @@ def _open_folder(folder: Path, transform) -> ImageFolder:
             f"image folder not found: {folder}; dataset.root must hold train/ and the validation folder "
             "(dataset.val_split), each with one sub-folder per class"
         )
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if loose:
+        raise DataError(
+            f"{folder} holds images directly ({loose[0]}, ...); move them into one sub-folder per class, "
+            f"e.g. {folder / 'cat' / loose[0]}"
+        )
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:
         raise DataError(f"no images in {folder} ({error}); put images into one sub-folder per class") from None
 
@@ -37,12 +59,19 @@ def imagefolder(
 ) -> DataSplits:
     """Train/validation image folders; classes are the sub-folder names (must match)."""
     del task, seed
+    check_image_size(image_size)
     if not root:
         raise DataError("dataset=imagefolder needs dataset.root=PATH (a folder holding train/ and val/)")
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DataError(
             f"dataset.root does not exist: {root_path}; point it at a folder holding train/ and {val_split}/"
+        )
+    found = sorted(p.name for p in root_path.iterdir() if p.is_dir())
+    if not (root_path / "train").is_dir() and found:
+        raise DataError(
+            f"{root_path} has no train/ folder (found {', '.join(found[:5])}/); dataset.root must hold train/<class>/ "
+            f"and {val_split}/<class>/ (set dataset.val_split if the validation folder has another name)"
         )
     train = _open_folder(
         root_path / "train", classification_transforms(True, augment, normalize, mean, std, image_size)

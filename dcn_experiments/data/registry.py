@@ -23,6 +23,7 @@ class DataSplits:
 
     Classification items are ``(image float[3,H,W], label int)``; segmentation items are
     ``(image float[3,H,W], mask int64[H,W])`` with 0 = background and ``ignore_index`` = unlabeled.
+    ``caveats`` lists what makes the data differ from the official set (logged already; record them).
     """
 
     train: Dataset
@@ -30,3 +31,4 @@ class DataSplits:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     ignore_index: int = 255
+    caveats: list[str] = field(default_factory=list)

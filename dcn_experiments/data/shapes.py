@@ -24,7 +24,7 @@ from dcn_experiments.atomic import atomic_write
 from dcn_experiments.data.coco import CocoSegmentation
 from dcn_experiments.data.registry import DATASETS, DataSplits
 from dcn_experiments.data.shapes_render import SHAPE_CLASSES, render_scene, scene_rng
-from dcn_experiments.data.transforms import SegmentationTransform, classification_transforms
+from dcn_experiments.data.transforms import SegmentationTransform, check_image_size, classification_transforms
 from dcn_experiments.errors import ConfigError
 
 RENDER_VERSION = 3  # bump when the renderer changes, so caches are rebuilt
@@ -206,6 +206,7 @@ def shapes(
     ignore_index: int = 255,
 ) -> DataSplits:
     """Procedural shapes (seeded by ``seed``) for classification or segmentation."""
+    check_image_size(image_size)
     if elastic < 0:
         raise ConfigError(f"dataset.elastic={elastic} must be >= 0 (warp amplitude as a fraction of the image size)")
     if train_size < 1 or val_size < 1:

@@ -12,10 +12,18 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from dcn_experiments.errors import ConfigError
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_image_size(image_size: int | None) -> None:
+    """``dataset.image_size`` must be null (where allowed) or a positive whole number of pixels."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ConfigError(f"dataset.image_size={image_size!r} must be a positive number of pixels per side")
 
 
 def classification_transforms(

@@ -50,6 +50,7 @@ class UNet(nn.Module):
         super().__init__()
         if width < 1 or depth < 1:
             raise ConfigError(f"model.width={width} and model.depth={depth} must be positive")
+        self.depth = depth
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0], conv, core=False)
         self.downs = nn.ModuleList(
@@ -61,6 +62,12 @@ class UNet(nn.Module):
         init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        smallest = 2**self.depth  # each level halves the size (rounding down); the bottleneck needs >= 1 px
+        if min(x.shape[-2:]) < smallest:
+            raise ConfigError(
+                f"model=unet with model.depth={self.depth} needs images of at least {smallest}x{smallest} px, got "
+                f"{x.shape[-2]}x{x.shape[-1]}; set dataset.image_size>={smallest} or lower model.depth"
+            )
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
