@@ -317,3 +317,12 @@ def test_the_plots_are_written_and_linked(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 1000
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{name}]({name})" in report.markdown
+
+
+def test_the_same_setting_spelled_differently_is_one_group(tmp_path: Path) -> None:
+    from dcn_experiments.report.runs import shared_overrides
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("- conv=regular\n- trainer.lr=1e-3\n- report.robustness=True\n- seed=0\n")
+    b.write_text("- conv=deformable\n- trainer.lr=0.001\n- report.robustness=false\n- seed=1\n- trainer.progress=false\n")
+    assert shared_overrides(a) == shared_overrides(b) == ["trainer.lr=0.001"]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from dcn_experiments.engine.results import (
@@ -95,14 +96,38 @@ def _read_robustness(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
+# Overrides that do not change what is trained: runs differing only in these are one setting.
+NOT_A_SETTING = ("conv=", "seed=", "hydra.", "report.", "trainer.progress=", "trainer.resume=")
+
+
 def shared_overrides(overrides_file: Path) -> list[str]:
     """The command-line overrides both arms of a pair must share: all but ``conv=``, ``seed=``
-    (the seed is a column of its own) and Hydra's own settings. ``conv.*`` keys stay here; the
-    grouping treats them as deformable-only settings."""
+    (the seed is a column of its own), Hydra's own settings and keys that do not change training
+    (``report.*``, progress bars, resume). ``conv.*`` keys stay here; the grouping treats them as
+    deformable-only settings. Values are normalised (``True``/``true``, ``1e-3``/``0.001``), since
+    a sweep and a single run spell the same value differently."""
     if not overrides_file.is_file():
         return []
-    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
-    return sorted(o for o in overrides if not override_key(o).startswith(("conv=", "seed=", "hydra.")))
+    overrides = [_normalised(str(o)) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
+    return sorted(o for o in overrides if not override_key(o).startswith(NOT_A_SETTING))
+
+
+def _normalised(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep:
+        return override
+    for number in (int, float):
+        try:
+            return f"{key}={number(value)!r}"
+        except ValueError:
+            pass
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return override
+    if isinstance(parsed, bool):
+        return f"{key}={str(parsed).lower()}"
+    return override
 
 
 def override_key(override: str) -> str:
