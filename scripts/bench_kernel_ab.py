@@ -25,7 +25,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "dcn_experiments/ops/deform_conv2d_cpu.cpp"
 # (channels, spatial size): ResNet-34 stages at 32 px, then U-Net levels at 64 px (width 8)
-SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (8, 64), (16, 32), (32, 16), (64, 8)]
+SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (8, 64), (16, 32), (32, 16), (64, 8), (128, 4)]
 
 
 def build_baseline(revision: str, build_dir: Path) -> None:

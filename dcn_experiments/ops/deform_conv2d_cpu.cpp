@@ -269,13 +269,15 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
   const int64_t block = block_rows(g, input.element_size());
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
+  // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
+  const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
   auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
   auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, groups, Og, L});
   const at::Tensor bias_column = has_bias ? bias->view({groups, Og, 1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
     at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
-     for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
+     for_blocks_of_images(g, block_fw, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
       auto cols = at::empty({rows, K * C}, input.options());
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
@@ -300,13 +302,8 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
         dst.view({rows, groups, Og}).copy_(grouped.transpose(0, 1));
       }
       if (has_bias) dst.add_(*bias);
-      if (!nhwc_out) {
-        auto planes = out_planes.view({g.batch, O, L});
-        for (int64_t row = row0; row < row0 + rows;) {  // the block may span several images
-          const int64_t b = row / L, l = row % L, span = std::min(L - l, row0 + rows - row);
-          planes[b].narrow(1, l, span).copy_(dst.narrow(0, row - row0, span).t());
-          row += span;
-        }
+      if (!nhwc_out) {  // rows (images x L, O) -> planes (images, O, L)
+        out_planes.view({g.batch, O, L}).narrow(0, row0 / L, rows / L).copy_(dst.view({rows / L, L, O}).transpose(1, 2));
       }
      });
     });
