@@ -26,7 +26,7 @@ from torch import Tensor
 from dcn_experiments.cli import exit_on_user_error, one_line
 from dcn_experiments.data import make_loader
 from dcn_experiments.data.perturb import AXES, black_level, perturb
-from dcn_experiments.engine import load_checkpoint, read_run_record, resolve_device, write_json_atomic
+from dcn_experiments.engine import read_checkpoint, read_run_record, resolve_device, write_json_atomic
 from dcn_experiments.engine.evaluate import BatchTransform, evaluate_many
 from dcn_experiments.engine.results import FAILED, ROBUSTNESS_FILE, RUN_RECORD_FILE, RunRecordError, headline_metric
 from dcn_experiments.errors import ConfigError, DataError, UserError
@@ -61,21 +61,6 @@ def check_run(run_dir: Path) -> Path:
     if not checkpoint.is_file():
         raise DataError(f"no checkpoint at {checkpoint}; the run never finished an epoch: nothing to evaluate")
     return checkpoint
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A dcn-train checkpoint (weights + resolved config); a one-line error for a truncated or foreign file."""
-    try:
-        payload = load_checkpoint(path)
-    except Exception as error:  # truncated zip, foreign pickle, not a torch file at all
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(
-            f"{path} is not a readable dcn-train checkpoint ({type(error).__name__}: {first[:160]}); "
-            "it may be truncated: re-run the training"
-        ) from None
-    if not (isinstance(payload, dict) and isinstance(payload.get("model"), dict) and payload.get("config")):
-        raise DataError(f"{path} is not a dcn-train checkpoint (it lacks the model weights or the config)")
-    return payload
 
 
 def _device_for(name: str | None, trained_on: str, run_dir: Path) -> torch.device:

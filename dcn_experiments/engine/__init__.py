@@ -1,6 +1,6 @@
 """Training engine: device, optimizer, loop, checkpoints, TensorBoard, the run record."""
 
-from dcn_experiments.engine.checkpoint import load_checkpoint, save_checkpoint
+from dcn_experiments.engine.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from dcn_experiments.engine.device import resolve_device
 from dcn_experiments.engine.evaluate import batch_limit
 from dcn_experiments.engine.isolation import describe_exit, run_in_child_process, run_isolated_job
@@ -30,6 +30,7 @@ __all__ = [
     "failed_record",
     "headline_value",
     "load_checkpoint",
+    "read_checkpoint",
     "read_run_record",
     "record_failure",
     "resolve_device",

@@ -19,7 +19,7 @@ from hydra.core.utils import configure_log
 from omegaconf import DictConfig, OmegaConf
 
 from dcn_experiments.cli import one_line
-from dcn_experiments.engine.results import FAILED, RUN_RECORD_FILE, read_run_record, record_failure
+from dcn_experiments.engine.results import FAILED, RUN_RECORD_FILE, read_run_record, record_failure, write_run_record
 from dcn_experiments.engine.trainer import TrainingStoppedError
 from dcn_experiments.errors import UserError
 
@@ -102,8 +102,10 @@ def run_isolated_job(job: Job, cfg: DictConfig, run_dir: Path, identity: dict[st
         elif exitcode < 0:
             reason += "; rerun this job alone (same overrides) to reproduce it"
         if record is not None:  # it finished its record, then died: keep the numbers, mark the death
-            path.unlink()
-        record = record_failure(run_dir, identity, reason)
+            record = {**record, "status": FAILED, "reason": reason}
+            write_run_record(run_dir, record)
+        else:
+            record = record_failure(run_dir, identity, reason)
     elif record is None:
         record = record_failure(run_dir, identity, "the training process ended without writing its run record")
     if record.get("status") == FAILED:

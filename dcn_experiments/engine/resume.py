@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-from dcn_experiments.engine.checkpoint import load_checkpoint
+from dcn_experiments.engine.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from dcn_experiments.errors import ConfigError, DataError
 
 # Config sections that decide what is trained: a checkpoint only continues the same experiment.
 SAME_EXPERIMENT = ("model", "conv", "dataset")
 # Keys of those sections that may differ on resume (they do not change what is computed).
 MAY_DIFFER = {("dataset", "num_workers"), ("dataset", "root"), ("dataset", "download")}
-CHECKPOINT_FORMAT = "dcn-experiments-checkpoint"
 
 
 def resume_checkpoint(setting: str | None, run_dir: Path) -> Path | None:
@@ -40,17 +37,13 @@ def load_resume_state(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint to resume ``config`` from; one-line errors for truncated, foreign or
     mismatching checkpoints (a different model, conv or dataset)."""
     try:
-        state = load_checkpoint(path)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        state = read_checkpoint(path)
+    except DataError as error:
+        raise DataError(f"cannot resume from {error}; start afresh without trainer.resume") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(
-            f"cannot resume from {path}: the file is truncated or not a PyTorch checkpoint ({first}); "
-            "use best.pt or start afresh without trainer.resume"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "config" not in state:
-        raise DataError(
-            f"cannot resume from {path}: not a dcn-experiments training checkpoint (written by another tool "
-            "or an older version); start afresh without trainer.resume"
+            f"cannot resume from {path}: written by an older version, without the RNG and data-order state "
+            "an exact resume needs; start afresh without trainer.resume"
         )
     saved = state["config"]
     for section in SAME_EXPERIMENT:

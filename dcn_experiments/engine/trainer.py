@@ -16,6 +16,7 @@ import math
 import random
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dcn_experiments.engine.checkpoint import save_checkpoint
+from dcn_experiments.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from dcn_experiments.engine.evaluate import batch_limit, evaluate
 from dcn_experiments.engine.tensorboard import TensorBoardLogger
 from dcn_experiments.errors import ConfigError
@@ -36,7 +37,6 @@ from dcn_experiments.models import deformable_layers
 from dcn_experiments.tasks import Task
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "dcn-experiments-checkpoint"
 CHECKPOINT_VERSION = 2
 
 
@@ -128,8 +128,6 @@ class _StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be installed from the main thread
         for sig in (signal.SIGTERM, signal.SIGINT):
