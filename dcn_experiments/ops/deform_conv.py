@@ -36,6 +36,9 @@ _extension_state: dict[str, object] = {}
 # Which implementation served each call (``backend_usage``): runs record the kernel that really ran.
 CPP_CPU, PYTORCH_FALLBACK, TORCHVISION_CUDA = "cpp-cpu", "pytorch-fallback", "torchvision-cuda"
 _backend_calls: Counter[str] = Counter()
+# The dtype each call really computed in (``precision_usage``): under autocast a kernel may compute in
+# float32 while the regular convolutions run in bfloat16, which changes what a time ratio means.
+_precision_calls: Counter[str] = Counter()
 
 
 def backend_usage() -> dict[str, int]:
@@ -43,9 +46,20 @@ def backend_usage() -> dict[str, int]:
     return dict(_backend_calls)
 
 
+def precision_usage() -> dict[str, int]:
+    """Calls of :func:`deform_conv2d` per compute dtype (``"float32"``, ...) since the last reset."""
+    return dict(_precision_calls)
+
+
 def reset_backend_usage() -> None:
-    """Start counting :func:`backend_usage` afresh."""
+    """Start counting :func:`backend_usage` and :func:`precision_usage` afresh."""
     _backend_calls.clear()
+    _precision_calls.clear()
+
+
+def _count_call(backend: str, compute_dtype: torch.dtype) -> None:
+    _backend_calls[backend] += 1
+    _precision_calls[str(compute_dtype).removeprefix("torch.")] += 1
 
 
 CACHE_ROOT = Path.home() / ".cache" / "dcn-experiments"  # the project's one cache root (data, kernels)
@@ -371,24 +385,29 @@ def deform_conv2d(
     if input.device.type == "cuda":
         tv_op = _torchvision_deform_conv2d()
         if tv_op is not None:
-            _backend_calls[TORCHVISION_CUDA] += 1
+            # torchvision's autocast rule runs the op in float32; it has no bfloat16 kernel either.
+            autocast_on = torch.is_autocast_enabled("cuda")
+            _count_call(
+                TORCHVISION_CUDA,
+                torch.float32 if autocast_on or input.dtype == torch.bfloat16 else input.dtype,
+            )
             out = tv_op(input, offset, weight, bias, stride, padding, dilation, mask)
             return out.contiguous(memory_format=memory_format_of(input))
-        _backend_calls[PYTORCH_FALLBACK] += 1
+        _count_call(PYTORCH_FALLBACK, input.dtype)
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
 
     offset_groups = _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     if input.device.type != "cpu" or any(t.device != input.device for t in tensors):
-        _backend_calls[PYTORCH_FALLBACK] += 1
+        _count_call(PYTORCH_FALLBACK, input.dtype)
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
     compute_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if not all(t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for t in tensors):
         raise RuntimeError(f"deform_conv2d: expected floating-point tensors, got {[t.dtype for t in tensors]}")
     if not _load_cpu_extension():
-        _backend_calls[PYTORCH_FALLBACK] += 1
+        _count_call(PYTORCH_FALLBACK, input.dtype)
         return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
-    _backend_calls[CPP_CPU] += 1
+    _count_call(CPP_CPU, compute_dtype)
     cast = [None if t is None else t.to(compute_dtype) for t in (input, offset, weight, bias, mask)]
     out = _DeformConv2dCPU.apply(cast[0], cast[1], cast[2], cast[3], cast[4], stride, padding, dilation, offset_groups)
     # Under autocast (or with half-precision inputs) hand back the input's dtype, like torchvision.
