@@ -6,9 +6,9 @@ from dcn_experiments.ops.deform_conv import (
     TORCHVISION_CUDA,
     backend_usage,
     cpu_extension_available,
-    precision_usage,
     deform_conv2d,
     deform_conv2d_reference,
+    precision_usage,
     reset_backend_usage,
 )
 
@@ -18,8 +18,8 @@ __all__ = [
     "TORCHVISION_CUDA",
     "backend_usage",
     "cpu_extension_available",
-    "precision_usage",
     "deform_conv2d",
     "deform_conv2d_reference",
+    "precision_usage",
     "reset_backend_usage",
 ]
