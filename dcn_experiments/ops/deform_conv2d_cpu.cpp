@@ -17,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -60,33 +61,44 @@ inline Corners<scalar_t> locate(scalar_t y, scalar_t x, int64_t height, int64_t 
   return c;
 }
 
-// The bilinear corners of kernel tap k at output position (oy, ox), displaced by off_k = [dy, dx].
-template <typename scalar_t>
-inline Corners<scalar_t> locate_tap(const Geometry& g, int64_t oy, int64_t ox, int64_t k, const scalar_t* off_k) {
-  const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-  const scalar_t y = oy * g.stride_h - g.pad_h + ki * g.dil_h + off_k[0];
-  const scalar_t x = ox * g.stride_w - g.pad_w + kj * g.dil_w + off_k[1];
-  return locate(y, x, g.height, g.width);
-}
+// Integer part of each kernel tap's sampling position relative to its output position's
+// (oy * stride, ox * stride): k -> (ki * dil - pad, kj * dil - pad). Saves a division per tap.
+struct TapGrid {
+  std::vector<int64_t> dy, dx;
+  explicit TapGrid(const Geometry& g) : dy(g.kernel_size()), dx(g.kernel_size()) {
+    for (int64_t k = 0; k < g.kernel_size(); ++k) {
+      dy[k] = (k / g.kernel_w) * g.dil_h - g.pad_h;
+      dx[k] = (k % g.kernel_w) * g.dil_w - g.pad_w;
+    }
+  }
+};
 
 // Fill `rows` rows of columns, starting at global row `row0` (row = b * L + l), laid out
-// (row, K, C). offset: (N, L, G, K, 2), mask: (N, L, G, K) or null; input: (N, H, W, C).
-template <typename scalar_t>
-void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                 const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
+// (row, K, C). offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's contiguous
+// NCHW tensors read in place (consecutive rows read consecutive addresses of each plane);
+// input: (N, H, W, C).
+// CG: channels per offset group known at compile time (0: read from g). The channel loops are
+// then fixed-length, so short ones (U-Net widths, 8-64) vectorise without scalar remainders.
+template <typename scalar_t, int64_t CG>
+void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                    const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
-  const int64_t G = g.offset_groups, Cg = g.channels_per_offset_group();
+  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
+  const TapGrid taps(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row0 + r, b = row / L, l = row % L;
-    const int64_t oy = l / g.out_w, ox = l % g.out_w;
+    const int64_t y0 = (l / g.out_w) * g.stride_h, x0 = (l % g.out_w) * g.stride_w;
     const scalar_t* image = input + b * g.height * g.width * C;
-    const scalar_t* off = offset + row * G * K * 2;
-    const scalar_t* msk = mask ? mask + row * G * K : nullptr;
+    const scalar_t* off = offset + b * G * K * 2 * L + l;
+    const scalar_t* msk = mask ? mask + b * G * K * L + l : nullptr;
     scalar_t* dst_row = columns + r * K * C;
     for (int64_t grp = 0; grp < G; ++grp) {
       for (int64_t k = 0; k < K; ++k) {
-        const Corners<scalar_t> c = locate_tap(g, oy, ox, k, off + (grp * K + k) * 2);
-        const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
+        const int64_t plane = grp * K + k;
+        const Corners<scalar_t> c = locate(static_cast<scalar_t>(y0 + taps.dy[k]) + off[2 * plane * L],
+                                           static_cast<scalar_t>(x0 + taps.dx[k]) + off[(2 * plane + 1) * L],
+                                           g.height, g.width);
+        const scalar_t m = msk ? msk[plane * L] : scalar_t(1);
         // Corners outside the image read from a zero vector: no branches in the channel loop.
         const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
         const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
@@ -105,25 +117,30 @@ void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offse
 
 // For `rows` rows starting at global row `row0`: scatter column gradients into the input gradient
 // and reduce them into offset/mask gradients. The caller owns the images these rows touch.
-template <typename scalar_t>
-void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                  const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
-                  scalar_t* grad_offset, scalar_t* grad_mask) {
+template <typename scalar_t, int64_t CG>
+void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                     const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
+                     scalar_t* grad_offset, scalar_t* grad_mask) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
-  const int64_t G = g.offset_groups, Cg = g.channels_per_offset_group();
+  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
   const int64_t HW = g.height * g.width;
+  const TapGrid taps(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row0 + r, b = row / L, l = row % L;
-    const int64_t oy = l / g.out_w, ox = l % g.out_w;
+    const int64_t y0 = (l / g.out_w) * g.stride_h, x0 = (l % g.out_w) * g.stride_w;
     const scalar_t* image = input + b * HW * C;
     scalar_t* gimage = grad_input ? grad_input + b * HW * C : nullptr;
-    const scalar_t* off = offset + row * G * K * 2;
-    const scalar_t* msk = mask ? mask + row * G * K : nullptr;
+    const int64_t off_at = b * G * K * 2 * L + l, msk_at = b * G * K * L + l;  // (N, G, K, [2,] L)
+    const scalar_t* off = offset + off_at;
+    const scalar_t* msk = mask ? mask + msk_at : nullptr;
     const scalar_t* gcol_row = grad_columns + r * K * C;
     for (int64_t grp = 0; grp < G; ++grp) {
       for (int64_t k = 0; k < K; ++k) {
-        const Corners<scalar_t> c = locate_tap(g, oy, ox, k, off + (grp * K + k) * 2);
-        const scalar_t m = msk ? msk[grp * K + k] : scalar_t(1);
+        const int64_t plane = grp * K + k;
+        const Corners<scalar_t> c = locate(static_cast<scalar_t>(y0 + taps.dy[k]) + off[2 * plane * L],
+                                           static_cast<scalar_t>(x0 + taps.dx[k]) + off[(2 * plane + 1) * L],
+                                           g.height, g.width);
+        const scalar_t m = msk ? msk[plane * L] : scalar_t(1);
         const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
         scalar_t dots[4] = {0, 0, 0, 0};
         for (int q = 0; q < 4; ++q) {
@@ -143,19 +160,49 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
             for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
           }
         }
-        const int64_t slot = row * G * K + grp * K + k;
         if (grad_offset) {
           const scalar_t hy = 1 - c.ly, hx = 1 - c.lx;
-          grad_offset[slot * 2] = m * (hx * (dots[2] - dots[0]) + c.lx * (dots[3] - dots[1]));
-          grad_offset[slot * 2 + 1] = m * (hy * (dots[1] - dots[0]) + c.ly * (dots[3] - dots[2]));
+          grad_offset[off_at + 2 * plane * L] = m * (hx * (dots[2] - dots[0]) + c.lx * (dots[3] - dots[1]));
+          grad_offset[off_at + (2 * plane + 1) * L] = m * (hy * (dots[1] - dots[0]) + c.ly * (dots[3] - dots[2]));
         }
         if (grad_mask) {
-          grad_mask[slot] =
+          grad_mask[msk_at + plane * L] =
               c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] + c.weight[3] * dots[3];
         }
       }
     }
   }
+}
+
+// Calls body(std::integral_constant<int64_t, CG>) with CG = `channels` for the common widths, else 0.
+template <typename Body>
+void with_channel_count(int64_t channels, const Body& body) {
+  switch (channels) {
+    case 4: return body(std::integral_constant<int64_t, 4>());
+    case 8: return body(std::integral_constant<int64_t, 8>());
+    case 16: return body(std::integral_constant<int64_t, 16>());
+    case 32: return body(std::integral_constant<int64_t, 32>());
+    case 64: return body(std::integral_constant<int64_t, 64>());
+    default: return body(std::integral_constant<int64_t, 0>());
+  }
+}
+
+template <typename scalar_t>
+void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                 const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
+  with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
+    sample_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
+  });
+}
+
+template <typename scalar_t>
+void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                  const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
+                  scalar_t* grad_offset, scalar_t* grad_mask) {
+  with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
+    scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
+                                                   grad_offset, grad_mask);
+  });
 }
 
 Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
@@ -201,18 +248,12 @@ at::Tensor group_columns(const at::Tensor& columns, int64_t rows, int64_t K, int
   return columns.view({rows, K, groups, C / groups}).permute({2, 0, 1, 3}).reshape({groups, rows, K * (C / groups)});
 }
 
-at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contiguous (N, H, W, C)
-  return t.permute({0, 2, 3, 1}).contiguous();
+at::Tensor out_rows_of(const at::Tensor& out_nhwc, const Geometry& g, int64_t O) {  // (N, Ho, Wo, O) as rows
+  return out_nhwc.view({g.batch * g.out_size(), O});
 }
 
-// offset (N, G*K*2, Ho, Wo) -> (N, Ho*Wo, G, K, 2); mask (N, G*K, Ho, Wo) -> (N, Ho*Wo, G, K)
-at::Tensor offsets_by_position(const at::Tensor& offset, int64_t G, int64_t K) {
-  const int64_t N = offset.size(0), L = offset.size(2) * offset.size(3);
-  return offset.reshape({N, G, K, 2, L}).permute({0, 4, 1, 2, 3}).contiguous();
-}
-at::Tensor mask_by_position(const at::Tensor& mask, int64_t G, int64_t K) {
-  const int64_t N = mask.size(0), L = mask.size(2) * mask.size(3);
-  return mask.reshape({N, G, K, L}).permute({0, 3, 1, 2}).contiguous();
+at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contiguous (N, H, W, C)
+  return t.permute({0, 2, 3, 1}).contiguous();
 }
 
 // Call `body(row0, rows)` for blocks of about `block` rows covering images [b_begin, b_end).
@@ -239,6 +280,29 @@ bool use_planes_directly(const Geometry& g, int64_t block) {
   return g.out_size() >= std::min<int64_t>(block, 256);
 }
 
+// Splitting the work by image leaves cores idle when there are fewer images than about two per
+// thread (batch-1 inference). Such batches are split by rows instead: every thread samples its
+// share of the rows of all images, then one GEMM per image runs on all threads (BLAS threading).
+bool split_by_rows(const Geometry& g) {
+  return g.batch < 2 * static_cast<int64_t>(at::get_num_threads());
+}
+
+// Rows per piece of a row-split batch: the columns of one piece stay below about 64 MiB.
+int64_t rows_per_piece(const Geometry& g, int64_t element_size) {
+  const int64_t row_bytes = std::max<int64_t>(1, g.kernel_size() * g.channels * element_size);
+  return std::max<int64_t>(256, (int64_t(64) << 20) / row_bytes);
+}
+
+// Sample `rows` rows from global row `row0` into `cols` on all threads (rows are independent).
+template <typename scalar_t>
+void sample_rows_parallel(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                          const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* cols) {
+  const int64_t row_elems = g.kernel_size() * g.channels;
+  at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
+    sample_rows<scalar_t>(g, input, offset, mask, zero, row0 + r_begin, r_end - r_begin, cols + r_begin * row_elems);
+  });
+}
+
 at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& offset_,
                                  const c10::optional<at::Tensor>& mask_, int64_t stride_h,
@@ -256,9 +320,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const auto as_nchw_view = [&](const at::Tensor& t) { return nhwc_out ? t.permute({0, 3, 1, 2}) : t; };
   if (g.batch == 0) return as_nchw_view(out);
   const at::Tensor input = channels_last_rows(input_);
-  const at::Tensor offset = offsets_by_position(offset_, offset_groups, K);
+  const at::Tensor offset = offset_.contiguous();
   const bool has_mask = mask_.has_value() && mask_->defined();
-  const at::Tensor mask = has_mask ? mask_by_position(*mask_, offset_groups, K) : at::Tensor();
+  const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
   const at::Tensor wmat_t = wmat.transpose(1, 2);           // GEMM operand, no copy
@@ -268,6 +332,41 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
   // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
   const int64_t block = block_rows(g, input.element_size());
+  if (split_by_rows(g)) {
+    // Pieces inside one image: sample on all threads, then one threaded GEMM into the output.
+    const int64_t piece = rows_per_piece(g, input.element_size());
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_rows", [&] {
+      for (int64_t b = 0; b < g.batch; ++b) {
+        for (int64_t l0 = 0; l0 < L; l0 += piece) {
+          const int64_t rows = std::min(piece, L - l0), row0 = b * L + l0;
+          auto cols = at::empty({rows, K * C}, input.options());
+          sample_rows_parallel<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                         has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
+                                         row0, rows, cols.data_ptr<scalar_t>());
+          if (nhwc_out) {
+            auto dst = out_rows_of(out, g, O).narrow(0, row0, rows);
+            if (groups == 1) {
+              at::mm_out(dst, cols, wmat_t[0]);
+            } else {
+              dst.view({rows, groups, Og}).copy_(at::bmm(group_columns(cols, rows, K, C, groups), wmat_t).transpose(0, 1));
+            }
+            if (has_bias) dst.add_(*bias);
+          } else {
+            auto dst = out.view({g.batch, groups, Og, L})[b].narrow(2, l0, rows);
+            auto cols_t = group_columns(cols, rows, K, C, groups).transpose(1, 2);
+            if (groups == 1) {
+              auto dst0 = dst[0];
+              at::mm_out(dst0, wmat[0], cols_t[0]);
+            } else {
+              dst.copy_(at::bmm(wmat, cols_t));
+            }
+            if (has_bias) dst.add_(bias->view({groups, Og, 1}));
+          }
+        }
+      }
+    });
+    return as_nchw_view(out);
+  }
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
   // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
   const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
@@ -326,16 +425,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const auto opts = input_.options();
 
   at::Tensor grad_input = need_input ? at::zeros({g.batch, g.height, g.width, C}, opts) : at::Tensor();
-  at::Tensor grad_offset = need_offset ? at::empty({g.batch, L, G, K, 2}, opts) : at::Tensor();
-  at::Tensor grad_mask = need_mask ? at::empty({g.batch, L, G, K}, opts) : at::Tensor();
+  at::Tensor grad_offset = need_offset ? at::empty({g.batch, G * K * 2, g.out_h, g.out_w}, opts) : at::Tensor();
+  at::Tensor grad_mask = need_mask ? at::empty({g.batch, G * K, g.out_h, g.out_w}, opts) : at::Tensor();
   at::Tensor grad_wmat = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
   at::Tensor grad_bias = need_bias ? grad_out_.sum({0, 2, 3}) : at::Tensor();
   const bool need_scatter = need_input || need_offset || need_mask;
 
   if (g.batch > 0 && (need_scatter || need_weight)) {
     const at::Tensor input = channels_last_rows(input_);
-    const at::Tensor offset = offsets_by_position(offset_, G, K);
-    const at::Tensor mask = has_mask ? mask_by_position(*mask_, G, K) : at::Tensor();
+    const at::Tensor offset = offset_.contiguous();
+    const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
     const at::Tensor zero = at::zeros({C}, opts);
     const int64_t block = block_rows(g, input.element_size());
@@ -393,10 +492,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (need_input) {  // in the input's memory format, as the forward's output
     grad_input = grad_input.permute({0, 3, 1, 2}).contiguous(input_.suggest_memory_format());
   }
-  if (need_offset) {
-    grad_offset = grad_offset.permute({0, 2, 3, 4, 1}).reshape({g.batch, G * K * 2, g.out_h, g.out_w});
-  }
-  if (need_mask) grad_mask = grad_mask.permute({0, 2, 3, 1}).reshape({g.batch, G * K, g.out_h, g.out_w});
   at::Tensor grad_weight;
   if (need_weight) {
     // (g, O/g, K, Cg) -> (O, Cg, kh, kw)
