@@ -51,7 +51,7 @@ def _problem(n=2, c=4, o=4, h=6, w=7, k=3, stride=1, pad=1, dil=1, groups=1, off
 
 def _run(fn, tensors, grad_out, geometry, dtype):
     """Output and the gradients of every given tensor, computing in ``dtype``."""
-    leaves = {k: None if t is None else t.to(dtype).requires_grad_() for k, t in tensors.items()}
+    leaves = {k: None if t is None else t.detach().to(dtype).clone().requires_grad_() for k, t in tensors.items()}
     stride, pad, dil = geometry
     out = fn(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], stride, pad, dil, leaves["mask"])
     out.backward(grad_out.to(out.dtype))

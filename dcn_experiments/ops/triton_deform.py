@@ -342,8 +342,9 @@ def _blocks(out_per_group: int, channels_per_group: int) -> dict[str, int]:
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
     upcast = _INTERPRETED and dtype == torch.bfloat16
-    tf32 = dtype == torch.float32 and not _INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    return {"UPCAST": upcast, "PRECISION": "tf32" if tf32 else "ieee"}
+    # "ieee" keeps fp32 GEMMs in full fp32; the setting means nothing for fp16/bf16 operands.
+    full_fp32 = dtype == torch.float32 and (_INTERPRETED or not torch.backends.cuda.matmul.allow_tf32)
+    return {"UPCAST": upcast, "PRECISION": "ieee" if full_fp32 else "tf32"}
 
 
 def _require(input: Tensor) -> None:
@@ -547,3 +548,20 @@ def deform_conv2d_triton(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     offset_groups = _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     return _DeformConv2dTriton.apply(input, offset, weight, bias, mask, stride, padding, dilation, offset_groups)
+
+
+def cuda_forward(input, offset, weight, bias, mask, geometry, offset_groups: int) -> Tensor:
+    """:func:`forward` in the calling convention of ``deform_conv.register_cuda_kernel``."""
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    return forward(input, weight, bias, offset, mask, sh, sw, ph, pw, dh, dw, offset_groups)
+
+
+def cuda_backward(grad_out, input, offset, weight, bias, mask, geometry, offset_groups: int, need):
+    """:func:`backward` in the calling convention of ``deform_conv.register_cuda_kernel``: ``need`` and
+    the result are ordered (input, offset, weight, bias, mask)."""
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = backward(
+        grad_out, input, weight, offset, mask, sh, sw, ph, pw, dh, dw, offset_groups,
+        need[0], need[1], need[4] and mask is not None, need[2], need[3] and bias is not None,
+    )  # fmt: skip
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
