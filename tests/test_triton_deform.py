@@ -59,7 +59,8 @@ def _run(fn, tensors, grad_out, geometry, dtype):
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.detach().double() - expected.detach()).abs().max() / expected.abs().max().clamp_min(1e-12))
+    actual, expected = actual.detach().double(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
 def _float64_truth(tensors, grad_out, geometry, dtype):

@@ -362,6 +362,12 @@ def _weight_by_tap(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return weight.to(dtype).reshape(groups, out_c // groups, cgw, kh * kw).permute(0, 3, 2, 1).contiguous()
 
 
+def _channels_last(t: Tensor) -> Tensor:
+    """NHWC storage (a no-op when already so): each bilinear corner is one contiguous channel vector,
+    so the gathers become vector loads and the input-gradient atomics coalesce."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _strides(t: Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)  # type: ignore[return-value]
 
@@ -399,14 +405,15 @@ def forward(
     offset = offset.to(dtype)
     mask = mask.to(dtype) if mask is not None else None
     wt = _weight_by_tap(weight, groups, dtype)
+    x = _channels_last(input)
     blocks = _blocks(out_c // groups, cgw)
     m_total, positions = n * out_h * out_w, out_h * out_w
     grid = (triton.cdiv(m_total, blocks["BLOCK_M"]), groups * triton.cdiv(out_c // groups, blocks["BLOCK_N"]))
     _forward_kernel[grid](
-        input, offset, mask if mask is not None else offset, wt, bias if bias is not None else wt, out,
+        x, offset, mask if mask is not None else offset, wt, bias if bias is not None else wt, out,
         m_total, positions, out_w, h, w, kw, kh * kw, cgw, out_c // groups, c // offset_groups,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        *input.stride(), *offset.stride(), *_strides(mask), *out.stride(),
+        *x.stride(), *offset.stride(), *_strides(mask), *out.stride(),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, **_dot_flags(dtype),
         BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
     )  # fmt: skip
@@ -456,7 +463,8 @@ def backward(
     blocks = _blocks(out_c // groups, cgw)
     flags = _dot_flags(dtype)
     geometry = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
-    common = (*input.stride(), *offset_c.stride(), *_strides(mask_c), *grad_out.stride())
+    input_nhwc = _channels_last(input)
+    common = (*input_nhwc.stride(), *offset_c.stride(), *_strides(mask_c), *grad_out.stride())
     mask_arg = mask_c if mask_c is not None else offset_c
 
     grad_input = grad_offset = grad_mask = grad_weight = grad_bias = None
@@ -475,7 +483,7 @@ def backward(
                 splits,
             )
             _grad_weight_kernel[grid](
-                input, offset_c, mask_arg, grad_out, partials,
+                input_nhwc, offset_c, mask_arg, grad_out, partials,
                 m_total, positions, out_w, h, w, kw, taps, out_c, cgw, out_c // groups, c // offset_groups, rows,
                 *geometry, *common,
                 HAS_MASK=mask is not None, **flags,
@@ -484,13 +492,13 @@ def backward(
         grad_weight = partials.sum(0).view(out_c, cgw, kh, kw).to(weight.dtype)
     if need_input or need_offset or need_mask:
         f32 = {"dtype": torch.float32, "device": input.device}
-        gx = torch.zeros_like(input, memory_format=memory_format_of(input), **f32) if need_input else None
+        gx = torch.zeros_like(input_nhwc, memory_format=torch.channels_last, **f32) if need_input else None
         goff = torch.empty((n, offset_groups * taps * 2, out_h, out_w), **f32) if need_offset else None
         gmsk = torch.empty((n, offset_groups * taps, out_h, out_w), **f32) if need_mask else None
         if m_total > 0:
             placeholder = gx if gx is not None else (goff if goff is not None else gmsk)
             _grad_data_kernel[(triton.cdiv(m_total, blocks["BLOCK_M"]),)](
-                input, offset_c, mask_arg, grad_out, _weight_by_tap(weight, groups, dtype),
+                input_nhwc, offset_c, mask_arg, grad_out, _weight_by_tap(weight, groups, dtype),
                 gx if gx is not None else placeholder,
                 goff if goff is not None else placeholder,
                 gmsk if gmsk is not None else placeholder,
@@ -503,7 +511,7 @@ def backward(
         elif goff is not None or gmsk is not None:
             goff = goff.zero_() if goff is not None else None
             gmsk = gmsk.zero_() if gmsk is not None else None
-        grad_input = gx.to(input.dtype) if gx is not None else None
+        grad_input = gx.to(input.dtype, memory_format=memory_format_of(input)) if gx is not None else None
         grad_offset = goff.to(offset.dtype) if goff is not None else None
         grad_mask = gmsk.to(mask.dtype) if gmsk is not None else None
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
