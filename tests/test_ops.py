@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch.nn.modules.utils import _pair
@@ -21,7 +24,30 @@ CASES = {
     "far_outside": (2, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 12.0),
     "batch_0": (0, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
     "1x1": (2, 4, 4, 5, 5, 1, 1, 0, 1, 1, 1, True, 1.0),
+    # 8 and 16 channels per offset group (the kernel's fixed-length channel loops); 17x17 outputs
+    # are large enough for the kernel's per-image blocks that read and write NCHW planes in place.
+    "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
+    "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
+
+# The C++ kernel splits work by image when there are at least two images per thread and by rows
+# otherwise (batch-1 inference: threaded sampling, private input gradients per thread). The thread
+# counts below select each path for a case's batch.
+PATHS = ["by_image", "by_rows"]
+
+
+@contextlib.contextmanager
+def kernel_path(path: str, batch: int) -> Iterator[None]:
+    """Run the block with the thread count that sends a batch of ``batch`` down ``path``."""
+    if path == "by_image" and batch < 2:
+        pytest.skip("one image is always split by rows")
+    threads = max(1, batch // 2) if path == "by_image" else batch // 2 + 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inputs(case, dtype, seed=0, integer_offsets=False, noncontiguous=False):
@@ -52,11 +78,13 @@ def _values_and_grads(fn, x, offset, weight, bias, s, p, d, mask):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_torchvision(name: str, dtype: torch.dtype) -> None:
+def test_matches_torchvision(name: str, dtype: torch.dtype, path: str) -> None:
     args = _inputs(CASES[name], dtype)
-    ours, our_grads = _values_and_grads(deform_conv2d, *args)
+    with kernel_path(path, CASES[name][0]):
+        ours, our_grads = _values_and_grads(deform_conv2d, *args)
     ref, ref_grads = _values_and_grads(torchvision_ops.deform_conv2d, *args)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(ours, ref, **tol)
@@ -81,17 +109,20 @@ def test_noncontiguous_inputs() -> None:
     torch.testing.assert_close(deform_conv2d(*args[:4], *args[4:]), torchvision_ops.deform_conv2d(*args[:4], *args[4:]))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask"])
-def test_gradcheck_float64(name: str) -> None:
+def test_gradcheck_float64(name: str, path: str) -> None:
     n, c, o, h, w, k, s, p, d, g, og, use_mask, scale = CASES[name]
-    small = (min(n, 2), c, o, min(h, 6), min(w, 6), k, s, p, d, g, og, use_mask, scale)
+    # One image takes the row-split path on one thread (many threads on tiny inputs only add waits).
+    small = (1 if path == "by_rows" else min(n, 2), c, o, min(h, 6), min(w, 6), k, s, p, d, g, og, use_mask, scale)
     x, offset, weight, bias, s, p, d, mask = _inputs(small, torch.float64, seed=1)
     tensors = [t.requires_grad_() for t in (x, offset, weight, bias)] + ([mask.requires_grad_()] if use_mask else [])
 
     def fn(x, offset, weight, bias, mask=None):
         return deform_conv2d(x, offset, weight, bias, s, p, d, mask)
 
-    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
+    with kernel_path(path, x.shape[0]):
+        assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
 
 
 def _layout(t: torch.Tensor) -> str:
@@ -100,10 +131,11 @@ def _layout(t: torch.Tensor) -> str:
     return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("implementation", [deform_conv2d, deform_conv2d_reference], ids=["ours", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask"])
-def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str) -> None:
+@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image"])
+def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str, path) -> None:
     """NCHW in -> NCHW out, channels-last in -> channels-last out (and the same for grad_input), with
     the values of the other layout: a channels-last result for an NCHW input sends the next layers
     into oneDNN's nhwc kernels (issue 14: a 1x1 stride-2 backward there crashes)."""
@@ -111,14 +143,54 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = implementation(leaf, offset, weight, bias, s, p, d, mask)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    with kernel_path(path, x.shape[0]):
+        out = implementation(leaf, offset, weight, bias, s, p, d, mask)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        plain, (plain_grad, *_) = _values_and_grads(implementation, x.contiguous(), offset, weight, bias, s, p, d, mask)
     assert _layout(leaf) == layout
     assert _layout(out) == layout
     assert _layout(leaf.grad) == layout
-    plain, (plain_grad, *_) = _values_and_grads(implementation, x.contiguous(), offset, weight, bias, s, p, d, mask)
     torch.testing.assert_close(out.detach(), plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image"])
+def test_batch_of_one_equals_the_batched_result(name: str) -> None:
+    """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
+    (split by image over 1 thread): output and the per-image gradients; the weight and bias
+    gradients are the sums over the images."""
+    _, *rest = CASES[name]
+    x, offset, weight, bias, s, p, d, mask = _inputs((4, *rest), torch.float32, seed=2)
+    with kernel_path("by_image", 4):
+        batched, batched_grads = _values_and_grads(deform_conv2d, x, offset, weight, bias, s, p, d, mask)
+    singles = []
+    with kernel_path("by_rows", 1):
+        for i in range(4):
+            one = [t[i : i + 1] if t is not None else None for t in (x, offset, mask)]
+            leaves = [t.detach().clone().requires_grad_() for t in (one[0], one[1], weight, bias)]
+            mask_leaf = one[2].detach().clone().requires_grad_() if one[2] is not None else None
+            out = deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], s, p, d, mask_leaf)
+            grad_out = torch.linspace(-1, 1, batched.numel()).view_as(batched)[i : i + 1]
+            out.backward(grad_out)
+            singles.append((out.detach(), [t.grad for t in leaves] + [mask_leaf.grad]))
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([o for o, _ in singles]), batched, **tol)
+    for index, label in ((0, "input"), (1, "offset"), (4, "mask")):
+        torch.testing.assert_close(torch.cat([g[index] for _, g in singles]), batched_grads[index], **tol, msg=label)
+    for index, label in ((2, "weight"), (3, "bias")):
+        total = torch.stack([g[index] for _, g in singles]).sum(0)
+        torch.testing.assert_close(total, batched_grads[index], rtol=1e-4, atol=1e-4, msg=label)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_are_bitwise_reproducible(path: str) -> None:
+    """Same inputs, same threads -> identical bits (exact resume needs it), on both kernel paths."""
+    args = _inputs(CASES["large_image"], torch.float32, seed=3)
+    with kernel_path(path, args[0].shape[0]):
+        first = _values_and_grads(deform_conv2d, *args)
+        second = _values_and_grads(deform_conv2d, *args)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
 
 
 def test_reference_matches_torchvision() -> None:

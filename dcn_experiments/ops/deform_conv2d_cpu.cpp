@@ -120,7 +120,7 @@ void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* of
 template <typename scalar_t, int64_t CG>
 void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                      const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
-                     scalar_t* grad_offset, scalar_t* grad_mask) {
+                     scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
   const int64_t HW = g.height * g.width;
@@ -142,6 +142,18 @@ void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* o
                                            g.height, g.width);
         const scalar_t m = msk ? msk[plane * L] : scalar_t(1);
         const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
+        if (columns) {  // the forward's columns for the weight gradient, while the corners are in cache
+          const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
+          const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
+          const scalar_t* p2 = c.index[2] >= 0 ? image + c.index[2] * C + grp * Cg : zero;
+          const scalar_t* p3 = c.index[3] >= 0 ? image + c.index[3] * C + grp * Cg : zero;
+          const scalar_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
+          scalar_t* __restrict__ dst = columns + r * K * C + k * C + grp * Cg;
+#pragma omp simd
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
+          }
+        }
         scalar_t dots[4] = {0, 0, 0, 0};
         for (int q = 0; q < 4; ++q) {
           if (c.index[q] < 0) continue;
@@ -198,10 +210,10 @@ void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offse
 template <typename scalar_t>
 void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                   const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
-                  scalar_t* grad_offset, scalar_t* grad_mask) {
+                  scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
     scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
-                                                   grad_offset, grad_mask);
+                                                   grad_offset, grad_mask, zero, columns);
   });
 }
 
@@ -447,38 +459,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // depend on which thread finishes first (bitwise-reproducible runs, exact resume).
     std::mutex partials_lock;
     std::map<int64_t, at::Tensor> partials;
+    // Small batches are split by rows, in blocks inside one image; then the blocks of one thread
+    // scatter into a private input gradient (two threads may touch the same pixels), and these are
+    // summed in chunk order afterwards, like the weight-gradient partials.
+    const bool by_rows = split_by_rows(g);
+    std::vector<std::pair<int64_t, int64_t>> blocks;
+    if (by_rows) {
+      const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+      const int64_t small = std::max<int64_t>(16, (g.batch * L + wanted - 1) / wanted);
+      for_blocks_of_images(g, std::min(block, small), true, 0, g.batch,
+                           [&](int64_t row0, int64_t rows) { blocks.emplace_back(row0, rows); });
+    }
+    std::map<int64_t, at::Tensor> input_partials;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
+      // One block of rows: weight-gradient partial into local_gw, scatter into gimage.
+      const auto process = [&](int64_t row0, int64_t rows, at::Tensor& local_gw, scalar_t* gimage) {
+        auto grad_grouped = planes_direct  // (g, rows, O/g)
+                                ? grad_planes[row0 / L].narrow(2, row0 % L, rows).transpose(1, 2)
+                                : grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
+        at::Tensor cols = need_weight ? at::empty({rows, K * C}, opts) : at::Tensor();
+        if (need_scatter) {
+          at::Tensor grad_cols;
+          if (groups == 1) {
+            grad_cols = at::mm(grad_grouped[0], wmat[0]);  // (rows, K*C)
+          } else {
+            grad_cols = at::bmm(grad_grouped, wmat)  // (g, rows, K*Cg) -> (rows, K, g, Cg)
+                            .view({groups, rows, K, Cg})
+                            .permute({1, 2, 0, 3})
+                            .reshape({rows, K * C});
+          }
+          // Samples the columns too (one pass over the bilinear corners for both jobs).
+          scatter_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                 has_mask ? mask.data_ptr<scalar_t>() : nullptr, grad_cols.data_ptr<scalar_t>(),
+                                 row0, rows, gimage, need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
+                                 need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
+                                 need_weight ? cols.data_ptr<scalar_t>() : nullptr);
+        } else if (need_weight) {
+          sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
+                                rows, cols.data_ptr<scalar_t>());
+        }
+        if (need_weight) local_gw.baddbmm_(grad_grouped.transpose(1, 2), group_columns(cols, rows, K, C, groups));
+      };
+      if (by_rows) {
+        at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t i_begin, int64_t i_end) {
+          at::NoGradGuard no_grad;
+          at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
+          at::Tensor local_gi = need_input ? at::zeros_like(grad_input) : at::Tensor();
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            process(blocks[i].first, blocks[i].second, local_gw, need_input ? local_gi.data_ptr<scalar_t>() : nullptr);
+          }
+          std::lock_guard<std::mutex> guard(partials_lock);
+          if (need_weight) partials.emplace(i_begin, local_gw);
+          if (need_input) input_partials.emplace(i_begin, local_gi);
+        });
+        return;
+      }
       at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
         at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
         at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
         for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
-          auto grad_grouped = planes_direct  // (g, rows, O/g)
-                                  ? grad_planes[row0 / L].narrow(2, row0 % L, rows).transpose(1, 2)
-                                  : grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
-          if (need_weight) {
-            auto cols = at::empty({rows, K * C}, opts);
-            sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                  has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
-                                  row0, rows, cols.data_ptr<scalar_t>());
-            local_gw.baddbmm_(grad_grouped.transpose(1, 2), group_columns(cols, rows, K, C, groups));
-          }
-          if (need_scatter) {
-            at::Tensor grad_cols;
-            if (groups == 1) {
-              grad_cols = at::mm(grad_grouped[0], wmat[0]);  // (rows, K*C)
-            } else {
-              grad_cols = at::bmm(grad_grouped, wmat)  // (g, rows, K*Cg) -> (rows, K, g, Cg)
-                              .view({groups, rows, K, Cg})
-                              .permute({1, 2, 0, 3})
-                              .reshape({rows, K * C});
-            }
-            scatter_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                   has_mask ? mask.data_ptr<scalar_t>() : nullptr,
-                                   grad_cols.data_ptr<scalar_t>(), row0, rows,
-                                   need_input ? grad_input.data_ptr<scalar_t>() : nullptr,
-                                   need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
-                                   need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
-          }
+          process(row0, rows, local_gw, need_input ? grad_input.data_ptr<scalar_t>() : nullptr);
         });
         if (need_weight) {
           std::lock_guard<std::mutex> guard(partials_lock);
@@ -486,6 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
       });
     });
+    for (auto& entry : input_partials) grad_input.add_(entry.second);
     for (auto& entry : partials) grad_wmat.add_(entry.second);
   }
 
