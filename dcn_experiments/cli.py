@@ -87,6 +87,11 @@ _NULLABLE_NUMBERS = {
     "dataset.image_size": "an integer",
 }
 _ABSENT = object()
+# Keys that were replaced: an old command line gets a one-line answer naming the new key.
+RENAMED_KEYS = {
+    "trainer.amp": "trainer.precision=32|bf16|16 (amp=true with amp_dtype=bfloat16 is precision=bf16)",
+    "trainer.amp_dtype": "trainer.precision=32|bf16|16 (bfloat16 is bf16, float16 is 16)",
+}
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -110,6 +115,7 @@ def check_overrides(argv: list[str]) -> None:
             f"{swept[0].input_line} lists several values; add -m (--multirun) to run one job per value, or give one"
         )
     for override in user:
+        _check_renamed(override)
         _check_group_option(override)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -117,6 +123,30 @@ def check_overrides(argv: list[str]) -> None:
             _check_combination(combination)
     if not composes_only:
         _check_output_dir(hydra_overrides, multirun)
+
+
+def parse_command_line(argv: list[str]) -> tuple[list[Override], bool] | None:
+    """The overrides of a ``dcn-train`` command line and whether it is a multirun; None when a flag
+    hands the command line to Hydra alone (help, another config)."""
+    split = _split_argv(argv)
+    if split is None:
+        return None
+    lines, multirun, _ = split
+    return [_parse(line) for line in lines], multirun
+
+
+def sweep_size(overrides: list[Override]) -> int:
+    """Jobs a basic sweep of ``overrides`` runs (the product of the swept values' counts)."""
+    size = 1
+    for override in overrides:
+        if not override.is_sweep_override():
+            continue
+        sweep = override.value()
+        if isinstance(sweep, Glob):
+            size *= len(sweep.filter(_group_options(override.key_or_group) or []))
+        elif not isinstance(sweep, IntervalSweep):
+            size *= sum(1 for _ in override.sweep_string_iterator())
+    return size
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], bool, bool] | None:
@@ -150,6 +180,12 @@ def _parse(line: str) -> Override:
             f"cannot parse the override {line!r} ({reason}); write key=value, quoting values with spaces or "
             "brackets (see https://hydra.cc/docs/advanced/override_grammar/basic)"
         ) from None
+
+
+def _check_renamed(override: Override) -> None:
+    key = override.key_or_group
+    if key in RENAMED_KEYS:
+        raise ConfigError(f"{override.input_line}: {key} was replaced; use {RENAMED_KEYS[key]}")
 
 
 def _group_options(group: str) -> list[str] | None:

@@ -8,6 +8,8 @@ own folder while the other jobs go on; the report callback then names it and the
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import random
@@ -26,25 +28,34 @@ from torch import nn
 from dcn_experiments.cli import CONFIG_DIR, check_overrides, exit_on_user_error, one_line
 from dcn_experiments.data import DATASETS, DataSplits, make_loader
 from dcn_experiments.engine import (
-    TensorBoardLogger,
     Trainer,
     TrainerSettings,
     build_optimizer,
     build_schedule,
     headline_value,
     record_failure,
-    resolve_device,
     run_isolated_job,
     summarize_run,
     write_run_record,
 )
+from dcn_experiments.engine.distributed import context_from_environment, shutdown_distributed
 from dcn_experiments.engine.environment import environment
 from dcn_experiments.engine.evaluate import batch_limit
+from dcn_experiments.engine.launch import concurrent_jobs, pin_output_dir
 from dcn_experiments.engine.resume import load_resume_state, resume_checkpoint
+from dcn_experiments.engine.scale import (
+    apply_thread_budget,
+    make_logger,
+    placement,
+    precision_of,
+    prepare_model,
+    scale_record,
+)
+from dcn_experiments.engine.tensorboard import TensorBoardLogger
 from dcn_experiments.engine.trainer import TrainingStoppedError
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, deformable_layers, flops_breakdown
-from dcn_experiments.ops import backend_usage, cpu_extension_available, reset_backend_usage
+from dcn_experiments.ops import backend_usage, cpu_extension_available, precision_usage, reset_backend_usage
 from dcn_experiments.report.offsets import offset_view_logger, write_offset_views
 from dcn_experiments.tasks import TASKS
 
@@ -99,9 +110,12 @@ def build_model(cfg: DictConfig, data: DataSplits) -> nn.Module:
     return MODELS.build(cfg.model.name, num_classes=data.num_classes, conv=conv, **_options(cfg.model))
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one model as configured, writing metrics.json, tb/ and checkpoints/ into ``run_dir``."""
-    device = resolve_device(cfg.device.name)
+def train(cfg: DictConfig, run_dir: Path, concurrent_jobs: int = 1) -> dict[str, Any]:
+    """Train one model as configured, writing metrics.json, tb/ and checkpoints/ into ``run_dir``
+    (under DDP: every rank trains, rank 0 writes). ``concurrent_jobs``: sweep jobs sharing the machine."""
+    context, device = placement(cfg.device.name)
+    apply_thread_budget(concurrent_jobs)
+    precision = precision_of(cfg.trainer, device)
     seed_everything(cfg.seed)
     task_name, data = build_data(cfg)
     model = build_model(cfg, data).to(device)
@@ -116,18 +130,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "num_workers": cfg.dataset.num_workers,
         "seed": cfg.seed,
         "device": device,
+        "rank": context.rank,
+        "world_size": context.world_size,
     }
     train_loader = make_loader(data.train, shuffle=True, name="train", **loader_args)
     val_loader = make_loader(data.val, shuffle=False, name="validation", **loader_args)
     t = cfg.trainer
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = flops_breakdown(model, tuple(data.val[0][0].shape))
+    train_net, eval_net = prepare_model(model, t, device, context)  # before the optimizer: SyncBN
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, t.momentum, cfg.conv.offset_lr_mult)
     steps = t.epochs * batch_limit(t.limit_train_batches, len(train_loader), "trainer.limit_train_batches")
     schedule = build_schedule(optimizer, t.schedule, steps, t.warmup_steps)
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs} must be >= 1")
 
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = flops_breakdown(model, tuple(data.val[0][0].shape))
     identity = {
         **config_identity(cfg),
         "params": params,
@@ -149,14 +166,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     resume_from = resume_checkpoint(t.resume, run_dir)
     resume_state = load_resume_state(resume_from, resolved) if resume_from else None
     # On resume, TensorBoard drops whatever the stopped run logged after its checkpoint.
-    logger = TensorBoardLogger(run_dir / "tb", purge_step=resume_state["epoch"] + 1 if resume_state else None)
+    logger = make_logger(run_dir, resume_state["epoch"] + 1 if resume_state else None, context)
     logger.text("config", f"```yaml\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
     settings = TrainerSettings(
         t.epochs,
         t.limit_train_batches,
         t.limit_val_batches,
-        t.amp,
-        t.amp_dtype,
+        str(t.precision),
+        t.channels_last,
         t.grad_clip,
         t.progress,
         t.checkpoint_every_n_steps,
@@ -172,8 +189,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         settings,
         logger,
         run_dir / "checkpoints",
-        {"config": resolved, "identity": identity},
-        epoch_end=offset_view_logger(model, view_images, logger.image),
+        {"config": resolved, "identity": identity, "world_size": context.world_size},
+        epoch_end=offset_view_logger(model, view_images, logger.image) if context.is_main else None,
+        train_net=train_net,
+        eval_net=eval_net,
+        dist_context=context,
     )
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
@@ -192,8 +212,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics["skipped_nonfinite_batches"] = result.skipped_nonfinite
         metrics["data_caveats"] = data.caveats  # e.g. a skipped checksum: it changes what was trained on
         metrics["resumed_from"] = str(resume_from) if resume_from else None
-        metrics["environment"] = environment(device, concurrent_jobs=_concurrent_jobs())
+        metrics["environment"] = environment(device, concurrent_jobs, context.world_size, context.backend)
         metrics["deformable_backend"] = "+".join(sorted(backend_usage())) or "none"
+        metrics.update(scale_record(t, precision, context, precision_usage(), cfg.dataset.batch_size))
+        if not context.is_main:
+            return metrics
         write_run_record(run_dir, metrics)
         _log_final(logger, cfg, task.metric_key, metrics, data.class_names)
         if identity["deformable_layers"]:
@@ -232,23 +255,15 @@ def _log_final(logger: TensorBoardLogger, cfg: DictConfig, key: str, metrics: di
         logger.text("per_class_iou", f"| class | IoU |\n|---|---|\n{rows}")
 
 
-def _concurrent_jobs() -> int:
-    """How many sweep jobs share this machine (a parallel launcher's ``n_jobs``; else 1)."""
-    if not HydraConfig.initialized():
-        return 1
-    launcher = HydraConfig.get().get("launcher") or {}
-    jobs = launcher.get("n_jobs") if hasattr(launcher, "get") else None
-    return int(jobs) if isinstance(jobs, int) and jobs > 1 else 1
-
-
-def train_and_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def train_and_record(cfg: DictConfig, run_dir: Path, concurrent_jobs: int = 1) -> dict[str, Any]:
     """:func:`train`; when it fails, a ``failed`` record with the one-line reason is left in ``run_dir``."""
     try:
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, concurrent_jobs)
     except TrainingStoppedError:
         raise  # not a failure: the checkpoint is written and the run can be resumed
     except Exception as error:
-        record_failure(run_dir, config_identity(cfg), one_line(error))
+        if context_from_environment().is_main:
+            record_failure(run_dir, config_identity(cfg), one_line(error))
         raise
 
 
@@ -258,7 +273,10 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point: train one configuration, return its final validation metric."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return headline_value(run_isolated_job(train_and_record, cfg, run_dir, config_identity(cfg)))
+        # By its module's name: under `python -m` this module is __main__, which a joblib worker cannot pickle.
+        record_job = importlib.import_module("dcn_experiments.train").train_and_record
+        job = functools.partial(record_job, concurrent_jobs=concurrent_jobs(HydraConfig.get()))
+        return headline_value(run_isolated_job(job, cfg, run_dir, config_identity(cfg)))
     try:
         return headline_value(train_and_record(cfg, run_dir))
     except TrainingStoppedError as stop:
@@ -266,9 +284,14 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """Console script: bad overrides are one-line errors (exit 2), then the Hydra entry point."""
+    """Console script: bad overrides are one-line errors (exit 2); under torchrun the ranks agree on
+    one run folder; then the Hydra entry point."""
     exit_on_user_error(check_overrides)(sys.argv[1:])
-    main()
+    sys.argv[1:] = exit_on_user_error(pin_output_dir)(sys.argv[1:])
+    try:
+        main()
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

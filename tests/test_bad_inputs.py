@@ -136,7 +136,7 @@ def test_valid_command_lines_pass(argv: tuple[str, ...], tmp_path: Path, monkeyp
         ("trainer.epochs=abc", "trainer.epochs=abc is not an integer; give trainer.epochs=VALUE like the default 4"),
         ("dataset.batch_size=abc", "dataset.batch_size=abc is not an integer"),
         ("trainer.lr=abc", "trainer.lr=abc is not a number"),
-        ("trainer.amp=yes", "trainer.amp=yes is not true or false"),
+        ("trainer.channels_last=yes", "trainer.channels_last=yes is not true or false"),
         ("trainer.limit_val_batches=abc", "trainer.limit_val_batches=abc is not a number or null"),
         ("seed=1.5", "seed=1.5 is not an integer"),
     ],

@@ -160,7 +160,7 @@ def test_evaluate_gives_the_trainers_validation_numbers(task_name: str, amp: boo
         targets[:, 0] = 255
     loader = DataLoader(TensorDataset(torch.randn(20, 3, 8, 8), targets), batch_size=6)
     task = TASKS.build(task_name, num_classes=3, ignore_index=255, class_names=["a", "b", "c"])
-    settings = TrainerSettings(epochs=1, limit_val_batches=0.75, amp=amp, progress=False)
+    settings = TrainerSettings(epochs=1, limit_val_batches=0.75, precision="bf16" if amp else "32", progress=False)
     trainer = Trainer(model, task, None, None, torch.device("cpu"), settings, None, Path("unused"), {})
     summary, details = trainer.validate(loader, epoch=1)
     result = evaluate(model, task, loader, torch.device("cpu"), 0.75, amp_dtype=torch.bfloat16 if amp else None)

@@ -55,9 +55,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def environment(device: torch.device, concurrent_jobs: int = 1) -> dict[str, Any]:
-    """The ``environment`` block of a run record: host, CPU, threads, GPU, versions, commit, and how
-    many jobs shared the machine (their time ratios are then not comparable with solo runs)."""
+def environment(
+    device: torch.device, concurrent_jobs: int = 1, world_size: int = 1, dist_backend: str | None = None
+) -> dict[str, Any]:
+    """The ``environment`` block of a run record: host, CPU, threads (per process), GPU, versions,
+    commit, how many jobs shared the machine (their time ratios are then not comparable with solo
+    runs) and the DDP world (``world_size`` processes over ``dist_backend``)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
         "host": socket.gethostname(),
@@ -71,4 +74,6 @@ def environment(device: torch.device, concurrent_jobs: int = 1) -> dict[str, Any
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "concurrent_jobs": concurrent_jobs,
+        "world_size": world_size,
+        "dist_backend": dist_backend,
     }

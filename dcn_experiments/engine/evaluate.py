@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from dcn_experiments.engine.distributed import all_reduce_
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.tasks import Task
 
@@ -47,6 +48,8 @@ def evaluate_many(
     transforms: Mapping[str, BatchTransform | None],
     *,
     amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    distributed: bool = False,
     limit_key: str = "trainer.limit_val_batches",
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -56,7 +59,9 @@ def evaluate_many(
     (None: unchanged). ``time_s`` is the time of that transform and its forward passes,
     ``data_time_s`` the time spent waiting for batches (shared by all transforms), ``details`` the
     task's ``final_details``. ``limit_batches`` follows ``batch_limit`` (all, a count or a fraction);
-    ``amp_dtype`` runs the forward pass under autocast; ``progress`` wraps the batch iterator.
+    ``amp_dtype`` runs the forward pass under autocast, ``memory_format`` lays the inputs out;
+    ``progress`` wraps the batch iterator. ``distributed``: ``loader`` holds this DDP rank's shard
+    and every rank calls this; losses, image counts and metrics are summed over the ranks.
     """
     model.eval()
     count = batch_limit(limit_batches, len(loader), limit_key)
@@ -68,7 +73,7 @@ def evaluate_many(
     batches: Iterable = itertools.islice(loader, count)
     tick = time.perf_counter()
     for inputs, targets in progress(batches, count) if progress else batches:
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         loading += time.perf_counter() - tick
         for name, transform in transforms.items():
@@ -83,7 +88,12 @@ def evaluate_many(
         tick = time.perf_counter()
     results = {}
     for name, metric in metrics.items():
-        metric.reduce()
+        if distributed:
+            metric.reduce()
+            count = torch.tensor(float(images[name]), dtype=torch.float64)
+            totals = torch.stack([loss_sums[name].double().cpu(), count])
+            all_reduce_(totals)
+            loss_sums[name], images[name] = totals[0], int(totals[1].item())
         results[name] = {
             "loss": (loss_sums[name] / max(images[name], 1)).item(),
             task.metric_key: metric.compute()[task.metric_key],
@@ -104,6 +114,8 @@ def evaluate(
     transform: BatchTransform | None = None,
     *,
     amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    distributed: bool = False,
     limit_key: str = "trainer.limit_val_batches",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -119,6 +131,8 @@ def evaluate(
         limit_batches,
         {"": transform},
         amp_dtype=amp_dtype,
+        memory_format=memory_format,
+        distributed=distributed,
         limit_key=limit_key,
         progress=progress,
     )[""]

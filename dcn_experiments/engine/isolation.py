@@ -47,7 +47,17 @@ def run_in_child_process(target: Callable[..., Any], *args: Any) -> int:
     start DataLoader workers of its own. Interrupting the parent stops the child.
     """
     process = multiprocessing.get_context("spawn").Process(target=target, args=args, name="dcn-train-job")
-    process.start()
+    # The child re-applies the parent's global start method; a joblib (loky) worker's is "loky",
+    # which a plain interpreter does not know (hydra#964's family): present "spawn" while starting.
+    previous = multiprocessing.get_start_method(allow_none=True)
+    foreign = previous not in (None, *multiprocessing.get_all_start_methods())
+    if foreign:
+        multiprocessing.set_start_method("spawn", force=True)
+    try:
+        process.start()
+    finally:
+        if foreign:
+            multiprocessing.set_start_method(previous, force=True)
     try:
         process.join()
     except BaseException:

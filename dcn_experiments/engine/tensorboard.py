@@ -49,3 +49,28 @@ class TensorBoardLogger:
         """Flush and close the event file."""
         self.writer.flush()
         self.writer.close()
+
+
+class NullLogger(TensorBoardLogger):
+    """A logger that writes nothing (DDP ranks other than 0)."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Discard."""
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Discard."""
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        """Discard."""
+
+    def hparams(self, params: dict[str, object], final_metrics: dict[str, float]) -> None:
+        """Discard."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -7,6 +7,11 @@ the partial sums of the epoch's loss and metric, the history and the best metric
 stopped anywhere and resumed ends with bitwise the same weights and metrics as one that was not
 (with ``dataset.num_workers=0``; with workers, the data order is exact but the workers'
 augmentation randomness of the resumed epoch is not).
+
+Under DDP (``dist_context.enabled``) the step runs through ``train_net`` (DistributedDataParallel);
+the ranks agree every step on stopping (a signal) and on skipping a non-finite loss, sums and
+metrics are reduced over the ranks at the end of each epoch, and only rank 0 writes checkpoints
+(a mid-epoch one holds every rank's partial sums, so it resumes with the same number of ranks).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcn_experiments.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from dcn_experiments.engine.distributed import DistContext, all_reduce_, gather_objects
 from dcn_experiments.engine.evaluate import batch_limit, evaluate
+from dcn_experiments.engine.precision import memory_format, resolve_precision
 from dcn_experiments.engine.tensorboard import TensorBoardLogger
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import deformable_layers
@@ -47,8 +54,8 @@ class TrainerSettings:
     epochs: int
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
+    precision: str = "32"
+    channels_last: bool = False
     grad_clip: float | None = None
     progress: bool = True
     checkpoint_every_n_steps: int | None = None
@@ -165,19 +172,26 @@ class Trainer:
         checkpoint_dir: Path,
         checkpoint_extra: dict[str, Any],
         epoch_end: Callable[[int], None] | None = None,
+        *,
+        train_net: nn.Module | None = None,
+        eval_net: nn.Module | None = None,
+        dist_context: DistContext | None = None,
     ) -> None:
         self.model, self.task, self.optimizer, self.schedule = model, task, optimizer, schedule
+        # train_net/eval_net: the model as the steps call it (DDP-wrapped, compiled); self.model's
+        # state is what checkpoints hold.
+        self.train_net = model if train_net is None else train_net
+        self.eval_net = model if eval_net is None else eval_net
+        self.context = dist_context or DistContext()
         self.device, self.settings, self.logger = device, settings, logger
         self.checkpoint_dir, self.checkpoint_extra = checkpoint_dir, checkpoint_extra
         self.epoch_end = epoch_end  # called with the epoch number after each epoch's logging
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.amp_dtype)
-        if dtype is None:
-            raise ConfigError(f"trainer.amp_dtype={settings.amp_dtype!r} is not valid; use bfloat16 or float16")
+        self.precision = resolve_precision(settings.precision, device)
+        self.memory_format = memory_format(settings.channels_last)
         every = settings.checkpoint_every_n_steps
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"trainer.checkpoint_every_n_steps={every} must be a positive integer or null")
-        self.amp_dtype = dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.uses_scaler)
         self.global_step = 0
         self.epochs_done = 0
         self.best = -math.inf
@@ -191,7 +205,18 @@ class Trainer:
         return self.checkpoint_dir / "last.pt"
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.settings.amp)
+        return self.precision.autocast(self.device)
+
+    def _agree(self, finite: bool) -> bool:
+        """Under DDP: every rank learns whether any rank saw a non-finite loss or a stop signal
+        (all must skip or stop together, or the others wait forever); returns the shared finiteness."""
+        if not self.context.enabled:
+            return finite
+        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signals.received else 0.0])
+        all_reduce_(flags, "max")
+        if flags[1] > 0 and self._signals.received is None:
+            self._signals.received = "SIGTERM"  # another rank was signalled (torchrun forwards to all)
+        return bool(flags[0] == 0)
 
     def _progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> tqdm:
         # disable=None: quiet when stderr is not a terminal (CI, log files)
@@ -246,6 +271,8 @@ class Trainer:
         restore_rng_states(state["rng"])
 
     def _save(self, epoch_progress: dict[str, Any] | None = None) -> None:
+        if not self.context.is_main:
+            return
         self.logger.flush()  # what was logged before the checkpoint survives a SIGKILL after it
         save_checkpoint(self.last_checkpoint, self.state_dict(epoch_progress))
 
@@ -261,11 +288,13 @@ class Trainer:
         generator: torch.Generator | None = getattr(loader, "generator", None)
         sampler = loader.sampler
         if resume is not None:
-            done, images, elapsed_before = resume["step_in_epoch"], resume["images"], resume["elapsed_s"]
-            loss_sum += resume["loss_sum"].to(self.device)
-            metric.load_state_dict(resume["metric"])
+            done, elapsed_before = resume["step_in_epoch"], resume["elapsed_s"]
+            own = self._rank_progress(resume)
+            images = own["images"]
+            loss_sum += own["loss_sum"].to(self.device)
+            metric.load_state_dict(own["metric"])
             for name, layer in deformable_layers(self.model):
-                layer.load_offset_stats(resume["offset_stats"].get(name))
+                layer.load_offset_stats(own["offset_stats"].get(name))
             if generator is not None:
                 generator.set_state(resume["data_order"])
         # The data order of this epoch is drawn from the loader's generator when iteration starts:
@@ -279,15 +308,15 @@ class Trainer:
         step_in_epoch = done
         try:
             for inputs, targets in bar:
-                inputs = inputs.to(self.device, non_blocking=True)
+                inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 targets = targets.to(self.device, non_blocking=True)
                 loaded = time.perf_counter()
                 with self._autocast():
-                    logits = self.model(inputs)
+                    logits = self.train_net(inputs)
                     loss = self.task.loss(logits.float(), targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
-                if not torch.isfinite(loss):
+                if not self._agree(bool(torch.isfinite(loss))):
                     if not self.settings.skip_nonfinite:
                         raise _DivergedError(
                             f"non-finite loss ({loss.item()}) in epoch {epoch} at step {step_in_epoch} "
@@ -321,15 +350,20 @@ class Trainer:
                 every = self.settings.checkpoint_every_n_steps
                 at_step_checkpoint = every and self.global_step % every == 0 and step_in_epoch < count
                 if at_step_checkpoint or (self._signals.received and step_in_epoch < count):
-                    progress = {
-                        "step_in_epoch": step_in_epoch,
+                    own = {
                         "images": images,
                         "loss_sum": loss_sum.detach().cpu(),
-                        "elapsed_s": elapsed_before + time.perf_counter() - start,
                         "metric": metric.state_dict(),
                         "offset_stats": {n: layer.offset_stats_state() for n, layer in deformable_layers(self.model)},
+                    }
+                    progress = {
+                        "step_in_epoch": step_in_epoch,
+                        **own,
+                        "elapsed_s": elapsed_before + time.perf_counter() - start,
                         "data_order": data_order,
                     }
+                    if self.context.enabled:
+                        progress["ranks"] = gather_objects(own, self.context)
                     self._save(progress)
                     if self._signals.received:
                         raise TrainingStoppedError(self._signals.received, self.last_checkpoint, epoch, step_in_epoch)
@@ -340,6 +374,10 @@ class Trainer:
         self._sync()
         elapsed = elapsed_before + time.perf_counter() - start
         metric.reduce()
+        if self.context.enabled:
+            totals = torch.stack([loss_sum.cpu(), torch.tensor(float(images), dtype=torch.float64)])
+            all_reduce_(totals)
+            loss_sum, images = totals[0], int(totals[1].item())
         return {
             "train_loss": (loss_sum / max(images, 1)).item(),
             f"train_{self.task.metric_key}": metric.compute()[self.task.metric_key],
@@ -351,17 +389,31 @@ class Trainer:
     def validate(self, loader: DataLoader, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
         """Loss and metric over (a limited number of) validation batches (see engine.evaluate)."""
         result = evaluate(
-            self.model,
+            self.eval_net,
             self.task,
             loader,
             self.device,
             self.settings.limit_val_batches,
-            amp_dtype=self.amp_dtype if self.settings.amp else None,
+            amp_dtype=self.precision.autocast_dtype,
+            memory_format=self.memory_format,
+            distributed=self.context.enabled,
             progress=lambda batches, count: self._progress(batches, count, f"val {epoch}"),
         )
         key = self.task.metric_key
         summary = {"val_loss": result["loss"], f"val_{key}": result[key], "val_time_s": result["time_s"]}
         return summary, result["details"]
+
+    def _rank_progress(self, progress: dict[str, Any]) -> dict[str, Any]:
+        """This rank's partial sums from a mid-epoch checkpoint's progress."""
+        ranks = progress.get("ranks")
+        if ranks is None and not self.context.enabled:
+            return progress
+        if ranks is None or len(ranks) != self.context.world_size:
+            raise ConfigError(
+                f"the checkpoint stopped mid-epoch with {len(ranks) if ranks else 1} process(es); resume it with "
+                f"the same number (this run has {self.context.world_size}), or from an epoch-end checkpoint"
+            )
+        return ranks[self.context.rank]
 
     def offset_statistics(self) -> dict[str, tuple[float, float]]:
         """Mean and max |offset| per deformable layer over the last training epoch."""
@@ -409,7 +461,7 @@ class Trainer:
                 improved = record[f"val_{key}"] > self.best
                 self.best = max(self.best, record[f"val_{key}"])
                 self._save()
-                if improved:
+                if improved and self.context.is_main:
                     save_checkpoint(self.checkpoint_dir / "best.pt", self.state_dict())
                 log.info(
                     "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs  %.0f img/s",
