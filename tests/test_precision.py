@@ -3,6 +3,7 @@ both arms with the deformable layers' real compute dtype recorded, channels-last
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -150,3 +151,21 @@ def test_compile_trains_a_deformable_model(tmp_path: Path) -> None:
     assert math.isfinite(result.epochs[0]["train_loss"]) and not torch.equal(before, model[1].weight)
     state = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     assert set(state) == set(model.state_dict())  # no "_orig_mod." prefixes
+
+
+def test_report_flags_time_ratios_when_the_deformable_layers_ran_in_float32(tmp_path: Path) -> None:
+    from dcn_experiments.report import cli
+    from tests.test_report import write_run
+
+    for seed in (0, 1):
+        write_run(tmp_path, f"{seed}_r", "regular", seed, 0.5)
+        write_run(tmp_path, f"{seed}_d", "deformable", seed, 0.6)
+        record = tmp_path / f"{seed}_d" / "metrics.json"
+        data = json.loads(record.read_text())
+        data.update(precision="bf16", deformable_precision="float32", deformable_precision_note="float32 under bf16")
+        record.write_text(json.dumps(data))
+    assert cli.main([str(tmp_path)]) == 0
+    (group,) = json.loads((tmp_path / "report.json").read_text())["groups"]
+    assert group["cost"]["deformable_precision_differs"]
+    assert "computed in another dtype than the run's precision" in group["cost"]["verdict"]
+    assert any("0_d, 1_d" in w and "favours regular" in w for w in group["warnings"])

@@ -161,7 +161,8 @@ def _group_section(g: dict[str, Any]) -> list[str]:
         f"- cost: **{g['cost']['verdict']}**",
         f"- environment: device {' / '.join(env['device'])} · cpu {' / '.join(env['cpu'])} · "
         f"gpu {' / '.join(env['gpu'])} · threads {' / '.join(env['torch_threads'])} · backend {backends} · "
-        f"concurrent jobs {' / '.join(env['concurrent_jobs'])}",
+        f"concurrent jobs {' / '.join(env['concurrent_jobs'])} · processes {' / '.join(env['world_size'])} · "
+        f"precision {' / '.join(env['precision'])}",
     ]
     lines += [f"- ⚠ {w}" for w in g["warnings"]]
     excluded = g["excluded"]

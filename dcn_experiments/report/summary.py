@@ -27,9 +27,10 @@ from dcn_experiments.report.stats import (
 REGULAR, DEFORMABLE = "regular", "deformable"
 DEFORMABLE_ONLY_FIELDS = ("placement", "conv_version", "offset_lr_mult")
 COST_FIELDS = ("epoch_time_s", "train_throughput_img_s", "params", "flops_per_image")
-ENVIRONMENT_FIELDS = ("device", "cpu", "gpu", "torch_threads")
+ENVIRONMENT_FIELDS = ("device", "cpu", "gpu", "torch_threads", "world_size")
 UNKNOWN = "unknown"
 SHARED_MACHINE_FLAG = "flagged: measured while jobs shared the machine (concurrent_jobs > 1)"
+MIXED_PRECISION_FLAG = "flagged: the deformable layers computed in another dtype than the run's precision"
 
 
 @dataclass
@@ -202,12 +203,15 @@ def summarize_group(group: Group) -> dict[str, Any]:
 def _cost(group: Group, arms: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     time_ratio = paired_ratio(_pairs(group, lambda r: r.get("epoch_time_s")))
     shared = any(_concurrent(r) > 1 for r in counted_runs(group))
+    mixed = any(r.get("deformable_precision_note") for r in counted_runs(group))
     if missing:
         verdict = f"no completed {missing[0]} run: no cost verdict"
     else:
         verdict = cost_verdict(time_ratio, group.treatment)
         if shared and time_ratio["n"]:
             verdict += f"; {SHARED_MACHINE_FLAG}"
+        if mixed and time_ratio["n"]:
+            verdict += f"; {MIXED_PRECISION_FLAG}"
 
     def mean_ratio(name: str) -> float | None:
         base = arms.get(REGULAR, {}).get(name, {}).get("mean")
@@ -220,6 +224,7 @@ def _cost(group: Group, arms: dict[str, Any], missing: list[str]) -> dict[str, A
         "params_ratio": mean_ratio("params"),
         "flops_ratio": mean_ratio("flops_per_image"),
         "shared_machine": shared,
+        "deformable_precision_differs": mixed,
         "verdict": verdict,
     }
 
@@ -252,7 +257,7 @@ def _concurrent(run: dict[str, Any]) -> int:
 
 def environment_value(run: dict[str, Any], name: str) -> str:
     """A run's ``device``/``deformable_backend`` or ``environment.<name>`` as text; ``unknown`` when absent."""
-    if name in ("device", "deformable_backend"):
+    if name in ("device", "deformable_backend", "precision"):
         value = run.get(name, UNKNOWN)
     else:
         env = run.get("environment")
@@ -285,6 +290,13 @@ def _environment(group: Group) -> tuple[dict[str, Any], list[str]]:
     environment["deformable_backend"] = {
         conv: check("deformable_backend", arm_runs(group, conv), f"{conv} runs") for conv in arm_order(group)
     }
+    environment["precision"] = check("precision", runs, "runs")
+    mixed = [r["run_dir"] for r in runs if r.get("deformable_precision_note")]
+    if mixed:
+        warnings.append(
+            f"{group.id}: in {len(mixed)} run(s) the deformable layers computed in another dtype than the run's "
+            f"precision (on CPU the op computes bf16 in float32: {', '.join(mixed)}); the time ratio favours regular"
+        )
     shared = [r["run_dir"] for r in runs if _concurrent(r) > 1]
     environment["concurrent_jobs"] = sorted(_distinct(runs, "concurrent_jobs"))
     if shared:
