@@ -1,4 +1,5 @@
-"""Deformable convolution operator (no Hydra, no data): ``deform_conv2d`` with torchvision's signature."""
+"""Deformable convolution operator (no Hydra, no data): ``deform_conv2d`` with torchvision's signature,
+backed by the custom op ``torch.ops.dcn_experiments.deform_conv2d``."""
 
 from dcn_experiments.ops.deform_conv import (
     CPP_CPU,
@@ -6,10 +7,13 @@ from dcn_experiments.ops.deform_conv import (
     TORCHVISION_CUDA,
     backend_usage,
     cpu_extension_available,
+    cuda_kernel,
     deform_conv2d,
     deform_conv2d_reference,
     precision_usage,
+    register_cuda_kernel,
     reset_backend_usage,
+    use_cuda_kernel,
 )
 
 __all__ = [
@@ -18,8 +22,11 @@ __all__ = [
     "TORCHVISION_CUDA",
     "backend_usage",
     "cpu_extension_available",
+    "cuda_kernel",
     "deform_conv2d",
     "deform_conv2d_reference",
     "precision_usage",
+    "register_cuda_kernel",
     "reset_backend_usage",
+    "use_cuda_kernel",
 ]

@@ -1,13 +1,20 @@
-"""``deform_conv2d``: torchvision's deformable convolution signature and results, fast on CPU.
+"""``deform_conv2d``: torchvision's deformable convolution signature and results, as a PyTorch custom op.
 
-Three implementations sit behind the one function:
+``torch.ops.dcn_experiments.deform_conv2d`` (and ``...deform_conv2d_backward``) are registered
+through ``torch.library``: a schema, a CPU and a CUDA kernel, a fake kernel (shapes only, for
+``torch.compile`` / ``torch.export``) and autograd. Behind the kernels sit three implementations:
 
 * ``cpu-extension``: a C++ kernel (``deform_conv2d_cpu.cpp``) built on first use with
-  ``torch.utils.cpp_extension`` and cached; float32/float64 on CPU.
-* ``torchvision``: ``torchvision.ops.deform_conv2d``, used on CUDA (its kernel is the fastest one
-  there and has autocast support).
-* ``reference``: vectorised PyTorch (gathers + one matmul per group), differentiable by autograd.
-  Used when the extension cannot be built (with a warning), for other dtypes, and in tests.
+  ``torch.utils.cpp_extension`` and cached.
+* ``torchvision``: ``torchvision.ops.deform_conv2d``'s kernels on CUDA (the single CUDA dispatch
+  point is :func:`_cuda_forward` / :func:`_cuda_backward`; other kernels plug in with
+  :func:`register_cuda_kernel`).
+* ``reference``: vectorised PyTorch (gathers + one matmul per group). Used on CPU when the extension
+  cannot be built (with a warning) and on other devices.
+
+Precision (autocast): the op is deliberately not in autocast's cast lists; it accepts any mix of
+floating dtypes and computes in float64 if any input is float64, else float32 (on CUDA float16
+when every input is float16), and returns the input's dtype, like torchvision's autocast rule.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ import shutil
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 log = logging.getLogger(__name__)
@@ -293,75 +300,302 @@ def deform_conv2d_reference(
     return out.contiguous(memory_format=memory_format_of(input))
 
 
-class _DeformConv2dCPU(torch.autograd.Function):
-    """Autograd wrapper around the C++ CPU forward/backward kernels."""
+# ---------------------------------------------------------------------------------------------
+# The operator: ``torch.ops.dcn_experiments.deform_conv2d`` and its backward, both custom ops, so
+# that torch.compile and torch.export see one opaque node each instead of tracing into a library.
 
-    @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, offset_groups):
-        ctx.geometry = (stride, padding, dilation, offset_groups)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, offset, weight, mask)
-        return torch.ops.dcn_experiments_cpu.deform_conv2d_forward(
-            input,
-            weight,
-            bias,
-            offset,
-            mask,
-            stride[0],
-            stride[1],
-            padding[0],
-            padding[1],
-            dilation[0],
-            dilation[1],
-            offset_groups,
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        input, offset, weight, mask = ctx.saved_tensors
-        stride, padding, dilation, offset_groups = ctx.geometry
-        need = ctx.needs_input_grad
-        grad_input, grad_offset, grad_mask, grad_weight, grad_bias = (
-            torch.ops.dcn_experiments_cpu.deform_conv2d_backward(
-                grad_out,
-                input,
-                weight,
-                offset,
-                mask,
-                stride[0],
-                stride[1],
-                padding[0],
-                padding[1],
-                dilation[0],
-                dilation[1],
-                offset_groups,
-                need[0],
-                need[1],
-                need[4] and mask is not None,
-                need[2],
-                need[3] and ctx.has_bias,
-            )
-        )
-        return (
-            grad_input if need[0] else None,
-            grad_offset if need[1] else None,
-            grad_weight if need[2] else None,
-            grad_bias if need[3] and ctx.has_bias else None,
-            grad_mask if need[4] and mask is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, padding, dilation
+Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # input, offset, weight, bias, mask
+CudaForward = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None", Geometry, int], Tensor]
+CudaBackward = Callable[
+    [Tensor, Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None", Geometry, int, tuple[bool, ...]],
+    tuple["Tensor | None", ...],
+]
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _torchvision_deform_conv2d() -> object | None:
-    try:
-        from torchvision.ops import deform_conv2d as tv_deform_conv2d
-    except Exception:
-        return None
-    return tv_deform_conv2d
+def _geometry(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Geometry:
+    return tuple(stride), tuple(padding), tuple(dilation)  # type: ignore[return-value]
+
+
+def _compute_dtype(tensors: Sequence[Tensor], half_ok: bool) -> torch.dtype:
+    """float64 if any tensor is; the common dtype if all share one the kernel has (``half_ok``:
+    float16 too); else float32 (bfloat16/float16 inputs, mixed dtypes under autocast)."""
+    if not all(t.dtype in _FLOAT_DTYPES for t in tensors):
+        raise RuntimeError(f"deform_conv2d: expected floating-point tensors, got {[t.dtype for t in tensors]}")
+    dtypes = {t.dtype for t in tensors}
+    if torch.float64 in dtypes:
+        return torch.float64
+    if len(dtypes) == 1 and (dtypes == {torch.float32} or (half_ok and dtypes == {torch.float16})):
+        return dtypes.pop()
+    return torch.float32
+
+
+def _cast(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor:
+    """A gradient in ``like``'s dtype (contiguous; ``grad_input`` in the input's memory format), or an
+    empty placeholder where none was asked for (a custom op's outputs cannot be None)."""
+    if not needed or like is None or grad is None:
+        return like.new_empty(0) if like is not None else torch.empty(0)
+    return grad.to(like.dtype).contiguous(memory_format=memory_format_of(like))
+
+
+def _needed(output_mask: Sequence[bool], bias: Tensor | None, mask: Tensor | None) -> tuple[bool, ...]:
+    need = tuple(bool(b) for b in output_mask)
+    return need[0], need[1], need[2], need[3] and bias is not None, need[4] and mask is not None
+
+
+# --- CPU: the C++ extension, or the pure-PyTorch reference when it cannot be built --------------
+
+
+def _cpu_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    return torch.ops.dcn_experiments_cpu.deform_conv2d_forward(
+        input, weight, bias, offset, mask, sh, sw, ph, pw, dh, dw, offset_groups
+    )
+
+
+def _cpu_backward(grad_out, input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int, need):
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = torch.ops.dcn_experiments_cpu.deform_conv2d_backward(
+        grad_out, input, weight, offset, mask, sh, sw, ph, pw, dh, dw, offset_groups,
+        need[0], need[1], need[4], need[2], need[3],
+    )  # fmt: skip
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+
+
+def _reference_backward(grad_out, input, offset, weight, bias, mask, geometry: Geometry, need) -> list:
+    """Gradients of the reference implementation. Autograd is switched off inside an op's kernel;
+    ``torch.func.vjp`` still differentiates there."""
+    stride, padding, dilation = geometry
+    primals = [t for t, n in zip((input, offset, weight, bias, mask), need, strict=True) if n]
+    fixed = (input, offset, weight, bias, mask)
+
+    def forward(*wanted: Tensor) -> Tensor:
+        values = iter(wanted)
+        args = [next(values) if n else t for t, n in zip(fixed, need, strict=True)]
+        return deform_conv2d_reference(args[0], args[1], args[2], args[3], stride, padding, dilation, args[4])
+
+    if not primals:
+        return [None] * 5
+    _, vjp = torch.func.vjp(forward, *primals)
+    grads = iter(vjp(grad_out))
+    return [next(grads) if n else None for n in need]
+
+
+# --- CUDA: the single dispatch point for the CUDA kernel (torchvision; Triton to come) ----------
+
+
+def _torchvision_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    groups = input.shape[1] // weight.shape[1]
+    use_mask = mask is not None
+    return torch.ops.torchvision.deform_conv2d(
+        input, weight, offset,
+        mask if use_mask else input.new_zeros(0),
+        bias if bias is not None else input.new_zeros(weight.shape[0]),
+        sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask,
+    )  # fmt: skip
+
+
+def _torchvision_backward(grad_out, input, offset, weight, bias, mask, geometry, offset_groups: int, need):
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    groups = input.shape[1] // weight.shape[1]
+    use_mask = mask is not None
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = torch.ops.torchvision._deform_conv2d_backward(
+        grad_out.contiguous(), input, weight, offset,
+        mask if use_mask else input.new_zeros(0),
+        bias if bias is not None else input.new_zeros(weight.shape[0]),
+        sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask,
+    )  # fmt: skip
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+
+
+# name -> (backend label for backend_usage, forward, backward, float16 kernel?). A CUDA kernel
+# takes (input, offset, weight, bias, mask, (stride, padding, dilation), offset_groups) in one
+# compute dtype and returns the output; its backward takes grad_out first and ``need`` (five
+# bools: input, offset, weight, bias, mask) last and returns those five gradients (None allowed).
+_CUDA_KERNELS: dict[str, tuple[str, CudaForward, CudaBackward, bool]] = {
+    "torchvision": (TORCHVISION_CUDA, _torchvision_forward, _torchvision_backward, True),
+}
+_cuda_kernel_choice = ["torchvision"]
+
+
+def register_cuda_kernel(
+    name: str, backend: str, forward: CudaForward, backward: CudaBackward, float16: bool = False
+) -> None:
+    """Make ``name`` a CUDA implementation of the op (``backend`` is its :func:`backend_usage` label)."""
+    if name in _CUDA_KERNELS:
+        raise ValueError(f"a CUDA kernel named {name!r} is already registered")
+    _CUDA_KERNELS[name] = (backend, forward, backward, float16)
+
+
+def use_cuda_kernel(name: str) -> None:
+    """Serve CUDA calls of the op with the registered kernel ``name`` (default ``"torchvision"``)."""
+    if name not in _CUDA_KERNELS:
+        raise ValueError(f"unknown CUDA kernel {name!r}; registered: {', '.join(sorted(_CUDA_KERNELS))}")
+    _cuda_kernel_choice[0] = name
+
+
+def cuda_kernel() -> str:
+    """The name of the CUDA kernel that serves CUDA calls of the op."""
+    return _cuda_kernel_choice[0]
+
+
+def _cuda_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
+    backend, forward, _, half_ok = _CUDA_KERNELS[cuda_kernel()]
+    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    dtype = _compute_dtype(tensors, half_ok=half_ok)
+    _count_call(backend, dtype)
+    cast = _cast((input, offset, weight, bias, mask), dtype)
+    return forward(*cast, geometry, offset_groups)
+
+
+def _cuda_backward(grad_out, input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int, need):
+    _, _, backward, half_ok = _CUDA_KERNELS[cuda_kernel()]
+    tensors = [t for t in (grad_out, input, offset, weight, bias, mask) if t is not None]
+    dtype = _compute_dtype(tensors, half_ok=half_ok)
+    return backward(*_cast((grad_out, input, offset, weight, bias, mask), dtype), geometry, offset_groups, need)
+
+
+# --- the op and its backward ---------------------------------------------------------------------
+
+
+def _validated(input, offset, weight, bias, mask, stride, padding, dilation) -> tuple[Geometry, int]:
+    geometry = _geometry(stride, padding, dilation)
+    for name, values in zip(("stride", "padding", "dilation"), geometry, strict=True):
+        if len(values) != 2:
+            raise RuntimeError(f"deform_conv2d: {name} must have two values (height, width), got {list(values)}")
+    offset_groups = _check_arguments(input, offset, weight, bias, *geometry, mask)
+    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    if any(t.device != input.device for t in tensors):
+        raise RuntimeError(f"deform_conv2d: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+    _compute_dtype(tensors, half_ok=True)  # floating point only
+    return geometry, offset_groups
+
+
+@torch.library.custom_op("dcn_experiments::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Deformable convolution; this body serves devices without a kernel of their own (reference)."""
+    geometry, _ = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    _count_call(PYTORCH_FALLBACK, input.dtype)
+    return deform_conv2d_reference(input, offset, weight, bias, *geometry, mask)
+
+
+@_deform_conv2d_op.register_kernel("cpu")
+def _deform_conv2d_cpu(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
+    geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    if not _load_cpu_extension():
+        _count_call(PYTORCH_FALLBACK, input.dtype)
+        return deform_conv2d_reference(input, offset, weight, bias, *geometry, mask)
+    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    dtype = _compute_dtype(tensors, half_ok=False)
+    _count_call(CPP_CPU, dtype)
+    out = _cpu_forward(*_cast((input, offset, weight, bias, mask), dtype), geometry, offset_groups)
+    # Half-precision inputs (autocast) get their own dtype back, as torchvision's autocast rule does.
+    return out.to(input.dtype).contiguous(memory_format=memory_format_of(input))
+
+
+@_deform_conv2d_op.register_kernel("cuda")
+def _deform_conv2d_cuda(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
+    geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    out = _cuda_forward(input, offset, weight, bias, mask, geometry, offset_groups)
+    return out.to(input.dtype).contiguous(memory_format=memory_format_of(input))
+
+
+@_deform_conv2d_op.register_fake
+def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
+    _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    shape = (input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    return input.new_empty(shape).contiguous(memory_format=memory_format_of(input))
+
+
+@torch.library.custom_op("dcn_experiments::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(
+    grad_out: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. (input, offset, weight, bias, mask); an empty tensor where ``output_mask`` is False."""
+    geometry, _ = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    need = _needed(output_mask, bias, mask)
+    grads = _reference_backward(grad_out, input, offset, weight, bias, mask, geometry, need)
+    return _pack_grads(grads, input, offset, weight, bias, mask, need)
+
+
+def _pack_grads(grads, input, offset, weight, bias, mask, need) -> Grads:
+    return tuple(  # type: ignore[return-value]
+        _grad_like(g, like, n) for g, like, n in zip(grads, (input, offset, weight, bias, mask), need, strict=True)
+    )
+
+
+@_deform_conv2d_backward_op.register_kernel("cpu")
+def _deform_conv2d_backward_cpu(grad_out, input, offset, weight, bias, mask, stride, padding, dilation, output_mask):
+    geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    need = _needed(output_mask, bias, mask)
+    if not _load_cpu_extension():
+        grads = _reference_backward(grad_out, input, offset, weight, bias, mask, geometry, need)
+    else:
+        tensors = [t for t in (grad_out, input, offset, weight, bias, mask) if t is not None]
+        cast = _cast((grad_out, input, offset, weight, bias, mask), _compute_dtype(tensors, half_ok=False))
+        grads = _cpu_backward(*cast, geometry, offset_groups, need)
+    return _pack_grads(grads, input, offset, weight, bias, mask, need)
+
+
+@_deform_conv2d_backward_op.register_kernel("cuda")
+def _deform_conv2d_backward_cuda(grad_out, input, offset, weight, bias, mask, stride, padding, dilation, output_mask):
+    geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
+    need = _needed(output_mask, bias, mask)
+    grads = _cuda_backward(grad_out, input, offset, weight, bias, mask, geometry, offset_groups, need)
+    return _pack_grads(grads, input, offset, weight, bias, mask, need)
+
+
+@_deform_conv2d_backward_op.register_fake
+def _deform_conv2d_backward_fake(grad_out, input, offset, weight, bias, mask, stride, padding, dilation, output_mask):
+    need = _needed(output_mask, bias, mask)
+    like = (input, offset, weight, bias, mask)
+    return tuple(
+        (t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t)) if n else t.new_empty(0))
+        if t is not None
+        else input.new_empty(0)
+        for t, n in zip(like, need, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.geometry = (list(stride), list(padding), list(dilation))
+    ctx.save_for_backward(input, offset, weight, bias, mask)
+
+
+def _backward(ctx, grad_out: Tensor):
+    input, offset, weight, bias, mask = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = _deform_conv2d_backward_op(grad_out, input, offset, weight, bias, mask, *ctx.geometry, need)
+    grads = [g if n and t is not None else None for g, n, t in zip(grads, need, ctx.saved_tensors, strict=True)]
+    return (*grads, None, None, None)
+
+
+_deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def deform_conv2d(
@@ -379,36 +613,10 @@ def deform_conv2d(
     Same signature, offset layout (``[dy, dx]`` per kernel tap and offset group) and results as
     ``torchvision.ops.deform_conv2d``; differentiable w.r.t. input, offset, mask, weight and bias.
     The output (and the input's gradient) has the input's memory format, as ``F.conv2d``'s does:
-    NCHW in, NCHW out; channels-last in, channels-last out.
+    NCHW in, NCHW out; channels-last in, channels-last out. Calls the custom op
+    ``torch.ops.dcn_experiments.deform_conv2d``, which ``torch.compile`` and ``torch.export`` keep
+    as one node.
     """
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if input.device.type == "cuda":
-        tv_op = _torchvision_deform_conv2d()
-        if tv_op is not None:
-            # torchvision's autocast rule runs the op in float32; it has no bfloat16 kernel either.
-            autocast_on = torch.is_autocast_enabled("cuda")
-            _count_call(
-                TORCHVISION_CUDA,
-                torch.float32 if autocast_on or input.dtype == torch.bfloat16 else input.dtype,
-            )
-            out = tv_op(input, offset, weight, bias, stride, padding, dilation, mask)
-            return out.contiguous(memory_format=memory_format_of(input))
-        _count_call(PYTORCH_FALLBACK, input.dtype)
-        return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
-
-    offset_groups = _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
-    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
-    if input.device.type != "cpu" or any(t.device != input.device for t in tensors):
-        _count_call(PYTORCH_FALLBACK, input.dtype)
-        return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
-    compute_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    if not all(t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for t in tensors):
-        raise RuntimeError(f"deform_conv2d: expected floating-point tensors, got {[t.dtype for t in tensors]}")
-    if not _load_cpu_extension():
-        _count_call(PYTORCH_FALLBACK, input.dtype)
-        return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
-    _count_call(CPP_CPU, compute_dtype)
-    cast = [None if t is None else t.to(compute_dtype) for t in (input, offset, weight, bias, mask)]
-    out = _DeformConv2dCPU.apply(cast[0], cast[1], cast[2], cast[3], cast[4], stride, padding, dilation, offset_groups)
-    # Under autocast (or with half-precision inputs) hand back the input's dtype, like torchvision.
-    return out if input.dtype == compute_dtype else out.to(input.dtype)
+    return _deform_conv2d_op(
+        input, offset, weight, bias, mask, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    )

@@ -1,0 +1,184 @@
+"""``torch.ops.dcn_experiments.deform_conv2d``: a real torch.library op (opcheck), traced as one node by
+torch.compile(fullgraph=True) and torch.export, counted when it really runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dcn_experiments.models import CONVS, MODELS, deformable_layers
+from dcn_experiments.ops import PYTORCH_FALLBACK, backend_usage, deform_conv2d, precision_usage, reset_backend_usage
+from dcn_experiments.ops import deform_conv as module
+
+OP = torch.ops.dcn_experiments.deform_conv2d.default
+BACKWARD_OP = torch.ops.dcn_experiments.deform_conv2d_backward.default
+
+# (in_ch, out_ch, H, W, kernel, stride, padding, dilation, weight_groups, offset_groups, mask)
+GEOMETRIES = {
+    "plain": (4, 6, 7, 7, 3, 1, 1, 1, 1, 1, True),
+    "groups_and_offset_groups": (8, 6, 6, 5, 3, 1, 1, 1, 2, 4, True),
+    "strided_dilated": (4, 4, 9, 8, 3, 2, 2, 2, 1, 2, True),
+    "no_mask": (4, 6, 7, 7, 3, 1, 1, 1, 1, 1, False),
+    "non_square_no_bias": (3, 4, 8, 6, (3, 1), (2, 1), (1, 0), 1, 1, 1, True),
+}
+
+
+def _op_args(geometry, batch=2, dtype=torch.float64, bias=True, seed=0):
+    c, o, h, w, k, s, p, d, g, og, use_mask = geometry
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    k, s, p, d = pair(k), pair(s), pair(p), pair(d)
+    out_h = (h + 2 * p[0] - (d[0] * (k[0] - 1) + 1)) // s[0] + 1
+    out_w = (w + 2 * p[1] - (d[1] * (k[1] - 1) + 1)) // s[1] + 1
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+    x = make(batch, c, h, w)
+    offset = make(batch, 2 * og * k[0] * k[1], out_h, out_w)
+    weight = make(o, c // g, *k)
+    mask = torch.rand(batch, og * k[0] * k[1], out_h, out_w, generator=gen, dtype=dtype).requires_grad_()
+    return (x, offset, weight, make(o) if bias else None, mask if use_mask else None, list(s), list(p), list(d))
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_opcheck_passes(name: str) -> None:
+    """Schema, autograd registration, fake kernel vs real kernel, AOT dispatch with dynamic shapes."""
+    args = _op_args(GEOMETRIES[name], bias=name != "non_square_no_bias")
+    result = torch.library.opcheck(OP, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_opcheck_backward_op_with_partial_output_mask() -> None:
+    x, offset, weight, bias, mask, s, p, d = _op_args(GEOMETRIES["groups_and_offset_groups"])
+    grad_out = torch.randn(2, 6, 6, 5, dtype=torch.float64)
+    need = [False, True, True, False, True]
+    args = (grad_out, x.detach(), offset.detach(), weight.detach(), bias.detach(), mask.detach(), s, p, d, need)
+    result = torch.library.opcheck(BACKWARD_OP, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result
+    grads = BACKWARD_OP(*args)
+    assert [tuple(g.shape) for g in grads] == [(0,), tuple(offset.shape), tuple(weight.shape), (0,), tuple(mask.shape)]
+
+
+def test_opcheck_passes_on_the_reference_fallback(monkeypatch) -> None:
+    """Without the C++ kernel the CPU kernel serves the reference (its backward through torch.func)."""
+    small = (4, 4, 5, 5, 3, 1, 1, 1, 2, 2, True)
+    args = _op_args(small)
+    with_extension = _values_and_grads(args)
+    monkeypatch.setattr(module, "_extension_state", {"loaded": False})
+    reset_backend_usage()
+    result = torch.library.opcheck(
+        OP, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
+    assert set(result.values()) == {"SUCCESS"}, result
+    assert set(backend_usage()) == {PYTORCH_FALLBACK}
+    for got, want in zip(_values_and_grads(args), with_extension, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _values_and_grads(args: tuple) -> list[torch.Tensor]:
+    leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    out = OP(*leaves)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves[:5] if t is not None]
+
+
+def test_fake_kernel_gives_shape_dtype_and_memory_format() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 8, 10, 12, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        offset = torch.empty(3, 2 * 2 * 9, 5, 6, dtype=torch.bfloat16)
+        weight = torch.empty(16, 4, 3, 3)
+        out = deform_conv2d(x, offset, weight, None, stride=2, padding=1)
+        assert out.shape == (3, 16, 5, 6)
+        assert out.dtype == torch.bfloat16
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        with pytest.raises(RuntimeError, match="offset spatial size"):
+            deform_conv2d(x, offset, weight, None, stride=1, padding=1)
+
+
+def test_mixed_dtypes_compute_in_float32_and_return_the_input_dtype() -> None:
+    """The autocast rule: bfloat16 activations with float32 weights compute in float32 (counted so)."""
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"], dtype=torch.float32)
+    )
+    reset_backend_usage()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(x.bfloat16(), offset.bfloat16(), weight, bias, s, p, d, mask.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert precision_usage() == {"float32": 1}
+    rounded = [t.bfloat16().float() for t in (x, offset, mask)]
+    expected = deform_conv2d(rounded[0], rounded[1], weight, bias, s, p, d, rounded[2])
+    torch.testing.assert_close(out, expected.bfloat16())
+
+
+def _tiny(model: str, version: int = 2, offset_groups: int = 1) -> nn.Module:
+    conv = CONVS.build("deformable", placement="all", version=version, offset_groups=offset_groups)
+    net = MODELS.build(model, num_classes=3, conv=conv, width=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # offsets away from zero, so that sampling between pixels is exercised
+        for _, layer in deformable_layers(net):
+            layer.offset_conv.weight.copy_(torch.randn(layer.offset_conv.weight.shape, generator=gen) * 0.02)
+    return net
+
+
+def _forward_backward(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+def _assert_compiled_equals_eager(model: str, backend: str) -> None:
+    torch._dynamo.reset()
+    net = _tiny(model).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    eager, eager_grads = _forward_backward(net, x)
+    reset_backend_usage()
+    compiled, compiled_grads = _forward_backward(torch.compile(net, fullgraph=True, backend=backend), x)
+    # the op really ran once per deformable layer (the counters see compiled runs too)
+    assert backend_usage() == {module.CPP_CPU: len(list(deformable_layers(net)))}
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["resnet34", "unet"])
+def test_compiles_fullgraph_forward_and_backward(model: str) -> None:
+    """fullgraph=True: a graph break would raise. aot_eager traces forward and backward (fake
+    kernels, autograd registration) without Inductor's code generation (minutes on 2 cores)."""
+    _assert_compiled_equals_eager(model, backend="aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet34", "unet"])
+def test_compiles_fullgraph_with_inductor(model: str) -> None:
+    _assert_compiled_equals_eager(model, backend="inductor")
+
+
+def test_training_mode_compiles_without_graph_breaks() -> None:
+    """The layers record offset statistics in training mode: that must not break the graph."""
+    torch._dynamo.reset()
+    net = _tiny("unet").train()
+    x = torch.randn(2, 3, 16, 16)
+    out = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    assert all(layer.pop_offset_stats() is not None for _, layer in deformable_layers(net))
+
+
+@pytest.mark.parametrize(("model", "version"), [("resnet34", 2), ("unet", 1)])
+def test_export_shows_the_op_as_one_node_per_layer(model: str, version: int) -> None:
+    net = _tiny(model, version=version).eval()
+    x = torch.randn(1, 3, 16, 16)
+    program = torch.export.export(net, (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(OP) == len(list(deformable_layers(net)))
+    assert not any("torchvision" in str(t) or "dcn_experiments_cpu" in str(t) for t in targets)
+    torch.testing.assert_close(program.module()(x), net(x))
+
+
+def test_export_with_dynamic_batch() -> None:
+    net = _tiny("resnet34", offset_groups=2).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    x = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(program.module()(x), net(x))
