@@ -28,6 +28,8 @@ CASES = {
     # are large enough for the kernel's per-image blocks that read and write NCHW planes in place.
     "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
+    "few_rows": (2, 8, 32, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -154,7 +156,7 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image"])
+@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "few_rows"])
 def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
     (split by image over 1 thread): output and the per-image gradients; the weight and bias

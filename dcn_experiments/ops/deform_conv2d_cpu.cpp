@@ -336,8 +336,13 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const bool has_mask = mask_.has_value() && mask_->defined();
   const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
-  const at::Tensor wmat_t = wmat.transpose(1, 2);           // GEMM operand, no copy
+  // Few rows (batch-1 inference of deep layers: 16-64 rows against 256-512 output channels):
+  // reordering the columns (k, c) -> (c, k) moves less data than reordering the weight, which is
+  // then used as it is, (O, C*K).
+  const bool weight_in_place = split_by_rows(g) && groups == 1 && g.batch * L < O;
+  const at::Tensor wmat = weight_in_place ? weight.detach().contiguous().view({1, O, C * K})
+                                          : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
+  const at::Tensor wmat_t = wmat.transpose(1, 2);  // GEMM operand, no copy
   const at::Tensor zero = at::zeros({C}, input.options());
   // NHWC output: each block's GEMM writes its rows of the output directly. NCHW output with
   // large images: blocks stay inside one image and the GEMM writes the transposed product
@@ -355,6 +360,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
           sample_rows_parallel<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                                          has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
                                          row0, rows, cols.data_ptr<scalar_t>());
+          if (weight_in_place) cols = cols.view({rows, K, C}).transpose(1, 2).contiguous().view({rows, C * K});
           if (nhwc_out) {
             auto dst = out_rows_of(out, g, O).narrow(0, row0, rows);
             if (groups == 1) {
