@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark deformable convolution: per layer (ResNet-34 CIFAR shapes) and end to end.
+"""Benchmark deformable convolution: per layer (ResNet-34 CIFAR and U-Net shapes) and end to end.
 
 Per layer, forward and forward+backward time and peak memory for: ``ours``
 (``dcn_experiments.ops.deform_conv2d``), ``torchvision``, ``reference`` (our pure-PyTorch fallback),
@@ -9,13 +9,22 @@ ResNet-34 regular vs deformable (placement ``stages`` and ``all``).
 
 All numbers of one run come from the same machine state, so compare ratios, not absolute times.
 
+The U-Net shapes (8-64 channels at 32-128 px, where the bilinear sampling weighs most next to the
+small GEMMs) run at ``--unet-batch`` (16, the segmentation presets' batch).
+
+``--batch 1`` measures inference latency instead: per layer (both shape families) and whole model
+(ResNet-34 and U-Net, eval mode, regular vs deformable), forward only, ours vs ``F.conv2d`` vs ONNX
+Runtime's ``DeformConv`` (per layer), at 1 thread and at ``--threads``.
+
     python scripts/bench_deform.py                       # CPU, 2 threads, writes bench_deform.json
+    python scripts/bench_deform.py --batch 1 --out bench_deform_b1.json
     python scripts/bench_deform.py --device cuda --batch 128
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -32,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size) of ResNet-34 on 32 px
+# U-Net decoder levels: width 8 at 64 px (experiment=quick_seg) and at 128 px, width 16-32 at 64 px
+UNET_LAYERS = [(8, 128), (8, 64), (16, 64), (16, 32), (32, 32), (64, 32)]
 
 
 def layer_inputs(channels: int, size: int, batch: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -193,15 +204,24 @@ def peak_memory_mb(impl: str, channels: int, size: int, batch: int, device: str,
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def layer_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """(family, channels, size, batch) of every per-layer measurement."""
+    shapes = [("resnet34", c, s, args.batch) for c, s in LAYERS]
+    if not args.skip_unet:
+        shapes += [("unet", c, s, args.unet_batch) for c, s in UNET_LAYERS]
+    return shapes
+
+
 def bench_layers(args: argparse.Namespace) -> list[dict]:
     """Per-layer forward / forward+backward times (interleaved rounds, medians) and peak memory."""
     impls = {k: v for k, v in implementations().items() if not (k == "reference" and args.skip_reference)}
     rows = []
-    for channels, size in LAYERS:
-        row: dict = {"layer": f"{channels}ch@{size}", "channels": channels, "size": size, "batch": args.batch}
+    for family, channels, size, batch in layer_shapes(args):
+        row: dict = {"layer": f"{channels}ch@{size}", "family": family, "channels": channels, "size": size}
+        row["batch"] = batch
         calls: dict[str, Callable[[], object]] = {}
         for name, fn in impls.items():
-            t = layer_inputs(channels, size, args.batch, args.device)
+            t = layer_inputs(channels, size, batch, args.device)
 
             def forward(fn=fn, t=t) -> None:
                 with torch.no_grad():
@@ -215,13 +235,15 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
             calls[f"{name}_fwd_ms"] = forward
             calls[f"{name}_fwdbwd_ms"] = forward_backward
         if args.device == "cpu":
-            ort_fn = onnxruntime_forward(channels, size, args.batch, args.threads)
+            ort_fn = onnxruntime_forward(channels, size, batch, args.threads)
             if ort_fn is not None:
                 calls["onnxruntime_fwd_ms"] = ort_fn
         row.update({key: 1e3 * seconds for key, seconds in time_interleaved(calls, args.device, args.repeats).items()})
         if not args.skip_memory:
             for name in impls:
-                row[f"{name}_peak_mb"] = peak_memory_mb(name, channels, size, args.batch, args.device, args.threads)
+                if name == "reference" and batch * channels * size * size > 2**21:
+                    continue  # the fallback's gathers need gigabytes on the large U-Net shapes
+                row[f"{name}_peak_mb"] = peak_memory_mb(name, channels, size, batch, args.device, args.threads)
         rows.append(row)
         print(f"  measured {row['layer']}", file=sys.stderr, flush=True)
     return rows
@@ -285,6 +307,92 @@ def bench_training(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def bench_latency(args: argparse.Namespace) -> dict:
+    """Batch-1 forward latency (ms) per layer and per whole model, at 1 thread and at ``--threads``."""
+    from dcn_experiments.models import CONVS, MODELS
+    from dcn_experiments.ops import deform_conv2d
+
+    rounds = max(args.repeats, 21)  # millisecond calls: more rounds for a stable median
+    layers, models = [], []
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        for family, channels, size, _ in layer_shapes(args):
+            t = layer_inputs(channels, size, 1, "cpu")
+
+            def ours(t=t) -> None:
+                with torch.no_grad():
+                    deform_conv2d(t["x"], t["offset"], t["weight"], None, 1, 1, 1, t["mask"])
+
+            def conv2d(t=t) -> None:
+                with torch.no_grad():
+                    F.conv2d(t["x"], t["weight"], padding=1)
+
+            calls: dict[str, Callable[[], object]] = {"ours": ours, "conv2d": conv2d}
+            ort_fn = onnxruntime_forward(channels, size, 1, threads)
+            if ort_fn is not None:
+                calls["onnxruntime"] = ort_fn
+            times = time_interleaved(calls, "cpu", rounds)
+            row = {"family": family, "layer": f"{channels}ch@{size}", "threads": threads}
+            layers.append(row | {f"{k}_ms": 1e3 * v for k, v in times.items()})
+        for name, kwargs, size in (
+            ("resnet34", {"num_classes": 10, "width": args.width}, 32),
+            ("unet", {"num_classes": 5, "width": args.unet_width}, 64),
+        ):
+            calls = {}
+            for conv in ("regular", "deformable"):
+                torch.manual_seed(0)
+                model = MODELS.build(name, conv=CONVS.build(conv, placement="stages"), **kwargs).eval()
+                x = torch.randn(1, 3, size, size)
+
+                def forward(model=model, x=x) -> None:
+                    with torch.no_grad():
+                        model(x)
+
+                calls[conv] = forward
+            times = time_interleaved(calls, "cpu", rounds)
+            row = {"model": name, "image": size, "threads": threads, "width": kwargs["width"]}
+            models.append(row | {f"{k}_ms": 1e3 * v for k, v in times.items()})
+        print(f"  measured batch 1 at {threads} thread(s)", file=sys.stderr, flush=True)
+    return {"layers": layers, "models": models, "summary": print_latency(layers, models, args.threads)}
+
+
+def print_latency(layers: list[dict], models: list[dict], threads: int) -> dict:
+    """Print the batch-1 tables; return the ratios the targets are stated in."""
+    has_ort = "onnxruntime_ms" in layers[0]
+    print("\nBatch 1, forward, milliseconds (median of interleaved rounds)\n")
+    print("| layer | threads | ours | conv2d |" + (" onnxruntime |" if has_ort else "") + " ours/conv2d |")
+    print("|---|---:|---:|---:|" + ("---:|" if has_ort else "") + "---:|")
+    for r in layers:
+        ort = f" {r['onnxruntime_ms']:.3f} |" if has_ort else ""
+        print(
+            f"| {r['family']} {r['layer']} | {r['threads']} | {r['ours_ms']:.3f} | {r['conv2d_ms']:.3f} |{ort} "
+            f"{r['ours_ms'] / r['conv2d_ms']:.2f} |"
+        )
+    print("\n| model | threads | regular | deformable | deformable/regular |\n|---|---:|---:|---:|---:|")
+    for r in models:
+        print(
+            f"| {r['model']} (width {r['width']}, {r['image']} px) | {r['threads']} | {r['regular_ms']:.2f} | "
+            f"{r['deformable_ms']:.2f} | {r['deformable_ms'] / r['regular_ms']:.2f} |"
+        )
+    summary: dict = {}
+    for family in dict.fromkeys(r["family"] for r in layers):
+        at = {t: [r for r in layers if r["family"] == family and r["threads"] == t] for t in (1, threads)}
+        summary[family] = {
+            f"fwd_time_vs_conv2d_geomean_{threads}_threads": geomean(
+                [r["ours_ms"] / r["conv2d_ms"] for r in at[threads]]
+            ),
+            f"speedup_1_to_{threads}_threads_geomean": geomean(
+                [a["ours_ms"] / b["ours_ms"] for a, b in zip(at[1], at[threads], strict=True)]
+            ),
+        }
+        if has_ort:
+            summary[family][f"fwd_time_vs_onnxruntime_geomean_{threads}_threads"] = geomean(
+                [r["ours_ms"] / r["onnxruntime_ms"] for r in at[threads]]
+            )
+    print("\nSummary:", json.dumps(summary, indent=2))
+    return summary
+
+
 def geomean(values: list[float]) -> float:
     """Geometric mean of positive values."""
     return math.exp(sum(math.log(v) for v in values) / len(values))
@@ -294,36 +402,42 @@ def print_tables(layers: list[dict], training: list[dict], device: str) -> dict:
     """Print the tables and return the summary ratios."""
     impls = [n for n in ("ours", "torchvision", "reference", "conv2d") if f"{n}_fwd_ms" in layers[0]]
     head = " | ".join(f"{n} fwd" for n in impls) + (" | onnxruntime fwd" if "onnxruntime_fwd_ms" in layers[0] else "")
-    print(f"\nPer layer, batch {layers[0]['batch']}, {device}: milliseconds (median)\n")
-    print(f"| layer | {head} | " + " | ".join(f"{n} fwd+bwd" for n in impls) + " |")
-    print("|---" * (1 + 2 * len(impls) + ("onnxruntime_fwd_ms" in layers[0])) + "|")
+    print(f"\nPer layer, {device}: milliseconds (median of interleaved rounds)\n")
+    print(f"| layer | batch | {head} | " + " | ".join(f"{n} fwd+bwd" for n in impls) + " | f+b ours/conv2d |")
+    print("|---" * (3 + 2 * len(impls) + ("onnxruntime_fwd_ms" in layers[0])) + "|")
     for r in layers:
         cells = [f"{r[f'{n}_fwd_ms']:.1f}" for n in impls]
         if "onnxruntime_fwd_ms" in r:
             cells.append(f"{r['onnxruntime_fwd_ms']:.1f}")
         cells += [f"{r[f'{n}_fwdbwd_ms']:.1f}" for n in impls]
-        print(f"| {r['layer']} | " + " | ".join(cells) + " |")
+        cells.append(f"{r['ours_fwdbwd_ms'] / r['conv2d_fwdbwd_ms']:.2f}")
+        print(f"| {r['family']} {r['layer']} | {r['batch']} | " + " | ".join(cells) + " |")
     if any(k.endswith("_peak_mb") for k in layers[0]):
         print("\nPeak extra memory of one forward+backward (MiB)\n")
         print("| layer | " + " | ".join(impls) + " |")
         print("|---" * (1 + len(impls)) + "|")
         for r in layers:
-            print(f"| {r['layer']} | " + " | ".join(f"{r.get(f'{n}_peak_mb', math.nan):.0f}" for n in impls) + " |")
-    summary = {
-        "fwdbwd_speedup_vs_torchvision_geomean": geomean(
-            [r["torchvision_fwdbwd_ms"] / r["ours_fwdbwd_ms"] for r in layers]
-        )
-        if "torchvision" in impls
-        else None,
-        "fwdbwd_time_vs_conv2d_geomean": geomean([r["ours_fwdbwd_ms"] / r["conv2d_fwdbwd_ms"] for r in layers]),
-        "fwd_time_vs_conv2d_geomean": geomean([r["ours_fwd_ms"] / r["conv2d_fwd_ms"] for r in layers]),
-    }
+            cells = [f"{r.get(f'{n}_peak_mb', math.nan):.0f}" for n in impls]
+            print(f"| {r['family']} {r['layer']} | " + " | ".join(cells) + " |")
+    summary: dict = {}
+    for family in dict.fromkeys(r["family"] for r in layers):
+        rows = [r for r in layers if r["family"] == family]
+        summary[family] = {
+            "fwdbwd_speedup_vs_torchvision_geomean": geomean(
+                [r["torchvision_fwdbwd_ms"] / r["ours_fwdbwd_ms"] for r in rows]
+            )
+            if "torchvision" in impls
+            else None,
+            "fwdbwd_time_vs_conv2d_geomean": geomean([r["ours_fwdbwd_ms"] / r["conv2d_fwdbwd_ms"] for r in rows]),
+            "fwd_time_vs_conv2d_geomean": geomean([r["ours_fwd_ms"] / r["conv2d_fwd_ms"] for r in rows]),
+        }
     if "onnxruntime_fwd_ms" in layers[0]:
         summary["fwd_time_vs_onnxruntime_per_layer"] = [r["ours_fwd_ms"] / r["onnxruntime_fwd_ms"] for r in layers]
     if "torchvision_peak_mb" in layers[0] and "ours_peak_mb" in layers[0]:
         summary["peak_memory_vs_torchvision_per_layer"] = [
             r["ours_peak_mb"] / r["torchvision_peak_mb"] if r["torchvision_peak_mb"] > 0 else math.nan for r in layers
         ]
+    summary["layers"] = [f"{r['family']}:{r['layer']}" for r in layers]
     if training:
         print(f"\nEnd to end: ResNet-34 (width {training[0]['width']}) training, batch {training[0]['batch']}\n")
         print("| conv | placement | img/s | vs regular |")
@@ -342,7 +456,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ONNX Runtime)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="ResNet-34 layers' batch; 1: latency mode (see above)")
+    parser.add_argument("--unet-batch", type=int, default=16, help="batch of the U-Net layer shapes")
+    parser.add_argument("--unet-width", type=int, default=8, help="U-Net base width for --batch 1's whole model")
+    parser.add_argument("--skip-unet", action="store_true", help="ResNet-34 layer shapes only")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--width", type=int, default=64, help="ResNet-34 base width for the training benchmark")
     parser.add_argument("--train-steps", type=int, default=3)
@@ -354,11 +471,28 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
+    environment = {
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "git_commit": _git_commit(),
+    }
+    if args.batch == 1:
+        if args.device != "cpu":
+            print("error: --batch 1 (latency mode) measures CPU inference; drop --device cuda", file=sys.stderr)
+            return 2
+        payload = environment | {"mode": "batch1-latency"} | bench_latency(args)
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.out}", file=sys.stderr)
+        return 0
     torch.set_num_threads(args.threads)
     layers = bench_layers(args)
     training = [] if args.skip_training else bench_training(args)
     summary = print_tables(layers, training, args.device)
     payload = {
+        "git_commit": environment["git_commit"],
         "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,
@@ -373,6 +507,20 @@ def main() -> int:
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _git_commit() -> dict[str, str | None]:
+    """The checkout's commit and the SHA-256 of the C++ kernel source that ran (JSON files are
+    compared across commits; the source hash also tells apart uncommitted kernel edits)."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "dcn_experiments" / "ops" / "deform_conv2d_cpu.cpp"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        head = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = None
+    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+    return {"commit": head, "kernel_source_sha256": digest}
 
 
 if __name__ == "__main__":

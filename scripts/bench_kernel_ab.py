@@ -4,8 +4,14 @@
 Both kernels are built side by side (the baseline under another operator namespace), then timed in
 interleaved rounds on the same inputs, NCHW in, per layer shape: forward and forward+backward,
 with ``F.conv2d`` as the yardstick. Medians over rounds; compare the ratios, not the milliseconds.
+ResNet-34 shapes run at ``--batch``, U-Net shapes at ``--unet-batch`` (``--batch 1`` sets both).
+
+On a machine shared with other jobs, ``--threads 1 --clock thread`` times each call by the CPU time of
+the calling thread, which other processes do not inflate (a thread waiting for a core is not
+counted); with more threads only wall time is meaningful.
 
     python scripts/bench_kernel_ab.py --baseline HEAD~1       # prints a table, writes bench_kernel_ab.json
+    python scripts/bench_kernel_ab.py --baseline HEAD~1 --threads 1 --clock thread
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "dcn_experiments/ops/deform_conv2d_cpu.cpp"
-# (channels, spatial size): ResNet-34 stages at 32 px, then U-Net levels at 64 px (width 8)
-SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (8, 64), (16, 32), (32, 16), (64, 8), (128, 4)]
+# (family, channels, spatial size): ResNet-34 stages at 32 px; U-Net levels (8-64 channels at 32-128 px),
+# the same as scripts/bench_deform.py's
+SHAPES = [("resnet34", 64, 32), ("resnet34", 128, 16), ("resnet34", 256, 8), ("resnet34", 512, 4)] + [
+    ("unet", c, s) for c, s in ((8, 128), (8, 64), (16, 64), (16, 32), (32, 32), (64, 32))
+]
 
 
 def build_baseline(revision: str, build_dir: Path) -> None:
@@ -60,10 +69,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="HEAD", help="git revision of the baseline kernel")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--unet-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall", help="thread: CPU time, 1 thread only")
     parser.add_argument("--out", type=Path, default=Path("bench_kernel_ab.json"))
     args = parser.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        sys.exit("error: --clock thread measures the calling thread only; use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     from dcn_experiments.ops import cpu_extension_available
 
@@ -72,13 +86,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as build_dir:
         build_baseline(args.baseline, Path(build_dir))
     rows = []
-    for channels, size in SHAPES:
+    for family, channels, size in SHAPES:
+        batch = args.batch if family == "resnet34" or args.batch == 1 else args.unet_batch
         gen = torch.Generator().manual_seed(0)
         t = {
-            "x": torch.randn(args.batch, channels, size, size, generator=gen),
+            "x": torch.randn(batch, channels, size, size, generator=gen),
             "w": torch.randn(channels, channels, 3, 3, generator=gen) * 0.05,
-            "off": torch.randn(args.batch, 18, size, size, generator=gen) * 0.5,
-            "mask": torch.rand(args.batch, 9, size, size, generator=gen) * 2,
+            "off": torch.randn(batch, 18, size, size, generator=gen) * 0.5,
+            "mask": torch.rand(batch, 9, size, size, generator=gen) * 2,
         }
         contenders = {
             "baseline": lambda backward, t=t: kernel_call("dcn_baseline_cpu", t, backward),
@@ -91,27 +106,44 @@ def main() -> int:
         for _ in range(args.rounds):
             for name, fn in contenders.items():
                 for phase, backward in (("fwd", False), ("fwdbwd", True)):
-                    start = time.perf_counter()
+                    start = clock()
                     fn(backward)
-                    times[f"{name}_{phase}"].append(time.perf_counter() - start)
-        row = {"channels": channels, "size": size, **{k: statistics.median(v) * 1e3 for k, v in times.items()}}
+                    times[f"{name}_{phase}"].append(clock() - start)
+        row = {"family": family, "channels": channels, "size": size, "batch": batch}
+        row |= {k: statistics.median(v) * 1e3 for k, v in times.items()}
         rows.append(row)
     header = (
-        f"{'layer':>10} | {'fwd base':>8} {'fwd now':>8} {'now/base':>8} | "
+        f"{'layer':>14} | {'fwd base':>8} {'fwd now':>8} {'now/base':>8} | "
         f"{'f+b base':>8} {'f+b now':>8} {'now/base':>8} | {'f+b now/conv':>12}"
     )
-    print(f"batch {args.batch}, {args.threads} threads, baseline {args.baseline}, ms (medians of {args.rounds})")
+    print(f"{args.threads} threads, baseline {args.baseline}, ms ({args.clock} clock, medians of {args.rounds} rounds)")
     print(header)
     for r in rows:
         print(
-            f"{r['channels']:>4}x{r['size']:>3}px | {r['baseline_fwd']:8.2f} {r['current_fwd']:8.2f} "
+            f"{r['channels']:>4}x{r['size']:>3}px b{r['batch']:<2} | {r['baseline_fwd']:8.2f} {r['current_fwd']:8.2f} "
             f"{r['current_fwd'] / r['baseline_fwd']:8.2f} | {r['baseline_fwdbwd']:8.2f} {r['current_fwdbwd']:8.2f} "
             f"{r['current_fwdbwd'] / r['baseline_fwdbwd']:8.2f} | {r['current_fwdbwd'] / r['conv2d_fwdbwd']:12.2f}"
         )
-    for phase in ("fwd", "fwdbwd"):
-        ratios = [r[f"current_{phase}"] / r[f"baseline_{phase}"] for r in rows]
-        print(f"geomean now/base {phase}: {statistics.geometric_mean(ratios):.3f}")
-    summary = {"baseline": args.baseline, "batch": args.batch, "threads": args.threads, "rows": rows}
+    geomeans: dict[str, float] = {}
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family]
+        for phase in ("fwd", "fwdbwd"):
+            for who in ("current", "baseline"):
+                key = f"{family}_{phase}_{who}_vs_conv2d"
+                geomeans[key] = statistics.geometric_mean([r[f"{who}_{phase}"] / r[f"conv2d_{phase}"] for r in mine])
+            key = f"{family}_{phase}_now_vs_base"
+            geomeans[key] = statistics.geometric_mean([r[f"current_{phase}"] / r[f"baseline_{phase}"] for r in mine])
+    for key, value in geomeans.items():
+        print(f"geomean {key}: {value:.3f}")
+    summary = {
+        "baseline": args.baseline,
+        "batch": args.batch,
+        "unet_batch": args.unet_batch,
+        "threads": args.threads,
+        "clock": args.clock,
+        "geomeans": geomeans,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(summary, indent=2))
     return 0
 
