@@ -175,3 +175,63 @@ def test_two_process_torchrun_equals_one_process_over_the_same_global_batch(
     weights = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (run, one)]
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[0][key], value, atol=ATOL, rtol=0, msg=key)
+
+
+def _torchrun(cwd: Path, data_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TORCHRUN, "-m", "dcn_experiments.train", *overrides],
+        cwd=cwd,
+        env={**os.environ, "DCN_DATA_ROOT": str(data_root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+def test_resume_under_ddp_continues_as_an_uninterrupted_run(shared_data_root: Path, tmp_path: Path) -> None:
+    common = (
+        *RUN[:-1],
+        "trainer.schedule=none",  # the schedule's length would depend on trainer.epochs
+        "dataset.batch_size=8",
+        "trainer.sync_batchnorm=true",
+        "device=cpu",
+    )
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    first = _torchrun(tmp_path, shared_data_root, *common, "trainer.epochs=2", f"hydra.run.dir={whole}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    half = _torchrun(tmp_path, shared_data_root, *common, "trainer.epochs=1", f"hydra.run.dir={parts}")
+    assert half.returncode == 0, half.stderr[-3000:]
+    resumed = _torchrun(
+        tmp_path, shared_data_root, *common, "trainer.epochs=2", "trainer.resume=auto", f"hydra.run.dir={parts}"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads((d / "metrics.json").read_text()) for d in (whole, parts)]
+    assert records[1]["resumed_from"] and [e["epoch"] for e in records[1]["epochs"]] == [1, 2]
+    assert records[1]["epochs"][1]["val_loss"] == records[0]["epochs"][1]["val_loss"]
+    weights = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (whole, parts)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=0, rtol=0, msg=key)
+
+
+def test_a_run_resumed_at_an_epoch_end_draws_the_data_order_it_would_have(compose_cfg, tmp_path: Path) -> None:
+    """The epoch-end checkpoint carries the loader's generator state (before, the resumed epoch reshuffled)."""
+    from omegaconf import open_dict
+
+    from dcn_experiments.train import train
+
+    def run(folder: str, *overrides: str) -> dict:
+        cfg = compose_cfg(*RUN, "dataset.batch_size=16", "trainer.schedule=none", *overrides)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return train(cfg, tmp_path / folder)
+
+    whole = run("whole", "trainer.epochs=2")
+    run("parts", "trainer.epochs=1")
+    resumed = run("parts", "trainer.epochs=2", "trainer.resume=auto")
+    assert resumed["resumed_from"] and resumed["epochs"][1] == {**whole["epochs"][1], **_times(resumed["epochs"][1])}
+
+
+def _times(epoch: dict) -> dict:
+    return {k: v for k, v in epoch.items() if k.endswith("_s") or "throughput" in k}

@@ -197,6 +197,9 @@ class Trainer:
         self.best = -math.inf
         self.result = FitResult()
         self._resume_epoch: dict[str, Any] | None = None  # the partial epoch a checkpoint left
+        # The training loader's generator state for the next epoch (the data order it will draw):
+        # an epoch-end checkpoint carries it, or a resumed run would reshuffle from the seed.
+        self._next_data_order: torch.Tensor | None = None
         self._signals = _StopSignals()
 
     @property
@@ -249,6 +252,7 @@ class Trainer:
             "step": self.global_step,
             "step_in_epoch": epoch_progress["step_in_epoch"] if epoch_progress else 0,
             "epoch_progress": epoch_progress,
+            "next_data_order": self._next_data_order,
             "best_metric": self.best,
             "history": self.result.epochs,
             "skipped_nonfinite": self.result.skipped_nonfinite,
@@ -268,6 +272,7 @@ class Trainer:
         self.result.epochs = list(state.get("history") or [])
         self.result.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         self._resume_epoch = state.get("epoch_progress")
+        self._next_data_order = state.get("next_data_order")
         restore_rng_states(state["rng"])
 
     def _save(self, epoch_progress: dict[str, Any] | None = None) -> None:
@@ -297,6 +302,8 @@ class Trainer:
                 layer.load_offset_stats(own["offset_stats"].get(name))
             if generator is not None:
                 generator.set_state(resume["data_order"])
+        elif generator is not None and self._next_data_order is not None:
+            generator.set_state(self._next_data_order)  # resumed at an epoch end
         # The data order of this epoch is drawn from the loader's generator when iteration starts:
         # its state now, plus the batches done, is all a resume needs to see the same batches.
         data_order = generator.get_state() if generator is not None else None
@@ -373,6 +380,7 @@ class Trainer:
                 sampler.skip = 0
         self._sync()
         elapsed = elapsed_before + time.perf_counter() - start
+        self._next_data_order = generator.get_state() if generator is not None else None
         metric.reduce()
         if self.context.enabled:
             totals = torch.stack([loss_sum.cpu(), torch.tensor(float(images), dtype=torch.float64)])
