@@ -89,6 +89,40 @@ def _errors(out, grads, ref_out, ref_grads) -> dict:
     }
 
 
+def _routing() -> dict:
+    """The op's CUDA dispatch point called with CPU tensors (the interpreter runs Triton on them):
+    which kernel each ``cuda_kernel`` setting picks per dtype, what it records, and its error."""
+    from dcn_experiments.ops import deform_conv as dc
+
+    tensors, grad_out, (stride, pad, dil) = _problem(c=4, o=4, h=5, w=5)
+    geometry = ((stride, stride), (pad, pad), (dil, dil))
+    seen = {}
+    for setting, dtype, weight_dtype in [
+        ("auto", torch.bfloat16, torch.float32),  # autocast: bf16 activations, fp32 parameters
+        ("auto", torch.float32, torch.float32),
+        ("torchvision", torch.bfloat16, torch.float32),
+        ("triton", torch.float32, torch.float32),
+        ("triton", torch.float16, torch.float16),
+    ]:
+        dc.use_cuda_kernel(setting)
+        dc.reset_backend_usage()
+        t = {k: v.to(weight_dtype if k in ("weight", "bias") else dtype) for k, v in tensors.items()}
+        out = dc._cuda_forward(t["input"], t["offset"], t["weight"], t["bias"], t["mask"], geometry, 1)
+        grads = dc._cuda_backward(
+            grad_out.to(out.dtype), t["input"], t["offset"], t["weight"], t["bias"], t["mask"], geometry, 1, [True] * 5
+        )
+        ref_out, ref_grads = _float64_truth(tensors, grad_out, (stride, pad, dil), dtype)
+        seen[f"{setting}/{str(dtype).removeprefix('torch.')}"] = {
+            "backend": dc.backend_usage(),
+            "precision": dc.precision_usage(),
+            "out_dtype": str(out.dtype).removeprefix("torch."),
+            "out": _rel_err(out, ref_out),
+            "grads": max(_rel_err(g, ref_grads[k]) for g, k in zip(grads, NAMES, strict=True)),
+        }
+    dc.use_cuda_kernel("auto")
+    return seen
+
+
 def _child(results_path: str) -> None:
     """Run every check under the interpreter and write the measured errors as JSON."""
     import dcn_experiments.ops.triton_deform as td
@@ -132,6 +166,8 @@ def _child(results_path: str) -> None:
         entry["none"] = [g is None for g in ours]
         entry["backward"] = [None if a is None else _rel_err(a, c.double()) for a, c in zip(ours, theirs, strict=True)]
         results["entry-points"] = entry
+
+    results["routing"] = _routing()
 
     tensors, grad_out, geometry = _problem(n=0, h=4, w=4)
     out, grads = _run(fn, tensors, grad_out, geometry, torch.float32)
@@ -192,6 +228,25 @@ def test_entry_points_take_the_cpu_extensions_arguments(measured):
     assert result["forward"] < 1e-6
     assert result["none"] == [False, True, False, True, False]  # offset and weight not asked for
     assert all(error < 1e-5 for error in result["backward"] if error is not None), result
+
+
+# setting/input dtype -> (kernel, dtype it computes in, error limit); the dtypes of the output follow
+# the kernel: torchvision computes bf16 inputs in fp32 and hands back fp32 to the op, which casts.
+ROUTES = {
+    "auto/bfloat16": ("triton-cuda", "bfloat16", 3e-2),
+    "auto/float32": ("torchvision-cuda", "float32", 1e-5),
+    "torchvision/bfloat16": ("torchvision-cuda", "float32", 3e-2),
+    "triton/float32": ("triton-cuda", "float32", 1e-5),
+    "triton/float16": ("triton-cuda", "float16", 5e-3),
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_cuda_dispatch_picks_the_kernel_per_setting_and_dtype(measured, route):
+    backend, precision, limit = ROUTES[route]
+    result = measured["routing"][route]
+    assert result["backend"] == {backend: 1} and result["precision"] == {precision: 1}
+    assert result["out"] < limit and result["grads"] < limit, result
 
 
 def test_empty_batch(measured):

@@ -3,6 +3,7 @@ backed by the custom op ``torch.ops.dcn_experiments.deform_conv2d``."""
 
 from dcn_experiments.ops.deform_conv import (
     CPP_CPU,
+    CUDA_KERNEL_CHOICES,
     PYTORCH_FALLBACK,
     TORCHVISION_CUDA,
     backend_usage,
@@ -18,6 +19,7 @@ from dcn_experiments.ops.deform_conv import (
 
 __all__ = [
     "CPP_CPU",
+    "CUDA_KERNEL_CHOICES",
     "PYTORCH_FALLBACK",
     "TORCHVISION_CUDA",
     "backend_usage",

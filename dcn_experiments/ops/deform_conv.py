@@ -9,12 +9,16 @@ through ``torch.library``: a schema, a CPU and a CUDA kernel, a fake kernel (sha
 * ``torchvision``: ``torchvision.ops.deform_conv2d``'s kernels on CUDA (the single CUDA dispatch
   point is :func:`_cuda_forward` / :func:`_cuda_backward`; other kernels plug in with
   :func:`register_cuda_kernel`).
+* ``triton``: ``triton_deform.py`` on CUDA, fp32/fp16/bf16 (registered on first use). Which CUDA
+  kernel runs is :func:`use_cuda_kernel`'s setting; ``"auto"`` (default) takes Triton for bf16
+  inputs, which torchvision has no kernel for, and torchvision otherwise.
 * ``reference``: vectorised PyTorch (gathers + one matmul per group). Used on CPU when the extension
   cannot be built (with a warning) and on other devices.
 
 Precision (autocast): the op is deliberately not in autocast's cast lists; it accepts any mix of
 floating dtypes and computes in float64 if any input is float64, else float32 (on CUDA float16
-when every input is float16), and returns the input's dtype, like torchvision's autocast rule.
+when every input is float16), and returns the input's dtype, like torchvision's autocast rule;
+the Triton kernel computes in the input's dtype (fp32, fp16 or bf16), as a convolution under autocast.
 """
 
 from __future__ import annotations
@@ -386,7 +390,7 @@ def _reference_backward(grad_out, input, offset, weight, bias, mask, geometry: G
     return [next(grads) if n else None for n in need]
 
 
-# --- CUDA: the single dispatch point for the CUDA kernel (torchvision; Triton to come) ----------
+# --- CUDA: the single dispatch point for the CUDA kernel (torchvision, Triton) --------------------
 
 
 def _torchvision_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
@@ -421,7 +425,9 @@ def _torchvision_backward(grad_out, input, offset, weight, bias, mask, geometry,
 _CUDA_KERNELS: dict[str, tuple[str, CudaForward, CudaBackward, bool]] = {
     "torchvision": (TORCHVISION_CUDA, _torchvision_forward, _torchvision_backward, True),
 }
-_cuda_kernel_choice = ["torchvision"]
+# The setting (``conv.cuda_kernel``): a registered kernel, or "auto" = per call by the input's dtype.
+CUDA_KERNEL_CHOICES = ("auto", "torchvision", "triton")
+_cuda_kernel_choice = ["auto"]
 
 
 def register_cuda_kernel(
@@ -433,31 +439,71 @@ def register_cuda_kernel(
     _CUDA_KERNELS[name] = (backend, forward, backward, float16)
 
 
+def _triton_registered() -> bool:
+    """Register the Triton kernel (``triton_deform``) on first need; False when Triton cannot be imported."""
+    if "triton" in _CUDA_KERNELS:
+        return True
+    from dcn_experiments.ops import triton_deform
+
+    if not triton_deform.triton_available():
+        if "triton_missing_logged" not in _extension_state:
+            _extension_state["triton_missing_logged"] = True
+            log.warning(
+                "deform_conv2d: Triton is not available (%s); bfloat16 CUDA calls run torchvision's kernel in float32",
+                triton_deform.TRITON_IMPORT_ERROR,
+            )
+        return False
+    register_cuda_kernel(
+        "triton", triton_deform.TRITON_CUDA, triton_deform.cuda_forward, triton_deform.cuda_backward, float16=True
+    )
+    return True
+
+
 def use_cuda_kernel(name: str) -> None:
-    """Serve CUDA calls of the op with the registered kernel ``name`` (default ``"torchvision"``)."""
-    if name not in _CUDA_KERNELS:
-        raise ValueError(f"unknown CUDA kernel {name!r}; registered: {', '.join(sorted(_CUDA_KERNELS))}")
+    """Serve CUDA calls of the op with kernel ``name``: ``"auto"`` (default; per call, torchvision for
+    fp32/fp16 inputs and Triton for bf16, which torchvision has no kernel for), ``"torchvision"``,
+    ``"triton"`` or another registered kernel. ValueError if unknown or Triton is missing."""
+    if name == "triton" and not _triton_registered():
+        from dcn_experiments.ops.triton_deform import TRITON_IMPORT_ERROR
+
+        raise ValueError(f"the Triton kernel needs triton, which cannot be imported ({TRITON_IMPORT_ERROR})")
+    if name != "auto" and name not in _CUDA_KERNELS:
+        choices = ", ".join(["auto", *sorted(_CUDA_KERNELS)])
+        raise ValueError(f"unknown CUDA kernel {name!r}; choose one of {choices}")
     _cuda_kernel_choice[0] = name
 
 
 def cuda_kernel() -> str:
-    """The name of the CUDA kernel that serves CUDA calls of the op."""
+    """The CUDA kernel setting (``"auto"`` or a registered kernel's name)."""
     return _cuda_kernel_choice[0]
 
 
+def _kernel_for(input: Tensor, tensors: Sequence[Tensor]) -> tuple[str, torch.dtype]:
+    """The registered kernel serving this call and the dtype it computes in."""
+    name = _cuda_kernel_choice[0]
+    if name == "auto":  # until a GPU measurement says otherwise: see the README's GPU table
+        name = "triton" if input.dtype == torch.bfloat16 and _triton_registered() else "torchvision"
+    if name == "triton":
+        if input.dtype != torch.float64:
+            # Triton computes in the activations' dtype, as a convolution under autocast does.
+            return name, input.dtype
+        name = "torchvision"  # no float64 Triton path; backend_usage records torchvision
+    return name, _compute_dtype(tensors, half_ok=_CUDA_KERNELS[name][3])
+
+
 def _cuda_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
-    backend, forward, _, half_ok = _CUDA_KERNELS[cuda_kernel()]
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
-    dtype = _compute_dtype(tensors, half_ok=half_ok)
+    name, dtype = _kernel_for(input, tensors)
+    backend, forward, _, _ = _CUDA_KERNELS[name]
     _count_call(backend, dtype)
     cast = _cast((input, offset, weight, bias, mask), dtype)
     return forward(*cast, geometry, offset_groups)
 
 
 def _cuda_backward(grad_out, input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int, need):
-    _, _, backward, half_ok = _CUDA_KERNELS[cuda_kernel()]
     tensors = [t for t in (grad_out, input, offset, weight, bias, mask) if t is not None]
-    dtype = _compute_dtype(tensors, half_ok=half_ok)
+    name, dtype = _kernel_for(input, tensors)
+    backward = _CUDA_KERNELS[name][2]
     return backward(*_cast((grad_out, input, offset, weight, bias, mask), dtype), geometry, offset_groups, need)
 
 
@@ -503,7 +549,10 @@ def _deform_conv2d_cpu(input, offset, weight, bias, mask, stride, padding, dilat
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     dtype = _compute_dtype(tensors, half_ok=False)
     _count_call(CPP_CPU, dtype)
-    out = _cpu_forward(*_cast((input, offset, weight, bias, mask), dtype), geometry, offset_groups)
+    # InferenceMode is thread-local and the kernel's worker threads write into its output: under
+    # inference_mode that output would be an inference tensor they may not update in place.
+    with torch.inference_mode(False):
+        out = _cpu_forward(*_cast((input, offset, weight, bias, mask), dtype), geometry, offset_groups)
     # Half-precision inputs (autocast) get their own dtype back, as torchvision's autocast rule does.
     return out.to(input.dtype).contiguous(memory_format=memory_format_of(input))
 
