@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import CONF_DIR
+from .conftest import CONF_DIR, assert_one_line_error
 
 
 def _options(group: str) -> list[str]:
@@ -76,3 +76,14 @@ def test_smoke_is_small(compose_cfg) -> None:
     cfg = compose_cfg("experiment=smoke")
     assert cfg.trainer.limit_train_batches <= 5 and cfg.dataset.train_size <= 256
     assert compose_cfg("experiment=smoke_seg").model.name == "unet"
+
+
+def test_cuda_kernel_defaults_to_auto_and_can_be_chosen(compose_cfg) -> None:
+    assert compose_cfg("conv=deformable").conv.cuda_kernel == "auto"
+    assert compose_cfg("conv=deformable", "conv.cuda_kernel=triton").conv.cuda_kernel == "triton"
+
+
+def test_unknown_cuda_kernel_is_one_line_error(run_cli, tmp_path) -> None:
+    result = run_cli("experiment=smoke", "conv=deformable", "conv.cuda_kernel=cudnn", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_line_error(result, "conv.cuda_kernel='cudnn'", "auto, torchvision, triton")
+    assert result.returncode == 2

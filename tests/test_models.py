@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from dcn_experiments import ops
 from dcn_experiments.engine.optim import build_optimizer
 from dcn_experiments.errors import ConfigError
 from dcn_experiments.models import CONVS, MODELS, DeformConv2d, deformable_layers
+from dcn_experiments.ops import deform_conv, triton_deform
 
 
 def build(model: str, conv: str, num_classes: int = 10, **options):
-    conv_options = {k: options.pop(k) for k in ("placement", "version") if k in options}
+    conv_options = {k: options.pop(k) for k in ("placement", "version", "cuda_kernel") if k in options}
     return MODELS.build(model, num_classes=num_classes, conv=CONVS.build(conv, **conv_options), **options)
 
 
@@ -122,3 +124,40 @@ def test_bad_model_options_are_config_errors() -> None:
         build("resnet34", "regular", stem="tiny")
     with pytest.raises(ConfigError, match="conv.placement"):
         build("resnet34", "deformable", placement="everywhere")
+
+
+@pytest.fixture
+def restore_cuda_kernel():
+    """The op's CUDA kernel is a process-wide setting: put the default back after the test."""
+    yield
+    ops.use_cuda_kernel("auto")
+
+
+def test_conv_cuda_kernel_reaches_the_op(restore_cuda_kernel) -> None:
+    net = build("resnet34", "deformable", width=4, cuda_kernel="torchvision")
+    assert ops.cuda_kernel() == "torchvision"
+    assert {layer.cuda_kernel for _, layer in deformable_layers(net)} == {"torchvision"}
+    build("resnet34", "regular", width=4, cuda_kernel="triton")  # ignored for the regular arm
+    assert ops.cuda_kernel() == "torchvision"
+    build("resnet34", "deformable", width=4)
+    assert ops.cuda_kernel() == "auto"  # the default
+
+
+def test_bad_cuda_kernel_is_a_config_error(restore_cuda_kernel, monkeypatch, caplog) -> None:
+    with pytest.raises(ConfigError, match="conv.cuda_kernel='cudnn' is not valid; choose one of auto, torchvision"):
+        build("resnet34", "deformable", width=4, cuda_kernel="cudnn")
+    with pytest.raises(ConfigError, match="conv.cuda_kernel='cudnn'"):
+        build("resnet34", "regular", width=4, cuda_kernel="cudnn")  # a typo is an error in both arms
+    without = {name: kernel for name, kernel in deform_conv._CUDA_KERNELS.items() if name != "triton"}
+    monkeypatch.setattr(deform_conv, "_CUDA_KERNELS", without)
+    monkeypatch.setattr(deform_conv, "_triton_warned", [])  # the warning is logged once per process
+    monkeypatch.setattr(triton_deform, "triton", None)
+    monkeypatch.setattr(triton_deform, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(ConfigError, match="conv.cuda_kernel=triton: the Triton kernel needs triton"):
+        build("resnet34", "deformable", width=4, cuda_kernel="triton")
+    assert ops.cuda_kernel() != "triton"
+    # auto without Triton: bf16 goes to torchvision (in float32), and the log says so
+    build("resnet34", "deformable", width=4, cuda_kernel="auto")
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.bfloat16)
+    assert deform_conv._kernel_for(x, [x]) == ("torchvision", torch.float32)
+    assert "Triton is not available" in caplog.text and "float32" in caplog.text

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dcn_experiments.errors import ConfigError
-from dcn_experiments.ops import deform_conv2d
+from dcn_experiments.ops import CUDA_KERNEL_CHOICES, deform_conv2d, use_cuda_kernel
 from dcn_experiments.registry import Registry
 
 CONVS = Registry("conv", contract="builder(**conv_cfg) -> ConvFactory")
@@ -46,6 +46,7 @@ class DeformConv2d(nn.Module):
         bias: bool = True,
         version: int = 2,
         offset_groups: int = 1,
+        cuda_kernel: str = "auto",
     ) -> None:
         super().__init__()
         if version not in (1, 2):
@@ -59,6 +60,10 @@ class DeformConv2d(nn.Module):
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.groups, self.version, self.offset_groups = groups, version, offset_groups
+        # The op's CUDA kernel is a process-wide setting; the layer sets it (ValueError if unknown or
+        # Triton is missing) so that a model built with it runs with it.
+        use_cuda_kernel(cuda_kernel)
+        self.cuda_kernel = cuda_kernel
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         taps = self.kernel_size[0] * self.kernel_size[1]
@@ -123,7 +128,8 @@ class DeformConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"version={self.version}, offset_groups={self.offset_groups}, bias={self.bias is not None}"
+            f"version={self.version}, offset_groups={self.offset_groups}, bias={self.bias is not None}, "
+            f"cuda_kernel={self.cuda_kernel}"
         )
 
 
@@ -136,6 +142,7 @@ class ConvFactory:
     version: int = 2
     offset_groups: int = 1
     offset_lr_mult: float = 0.1
+    cuda_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -144,6 +151,15 @@ class ConvFactory:
             raise ConfigError(f"conv.version={self.version} is not supported; use 1 or 2")
         if self.offset_lr_mult < 0:
             raise ConfigError(f"conv.offset_lr_mult={self.offset_lr_mult} must be >= 0")
+        if self.cuda_kernel not in CUDA_KERNEL_CHOICES:
+            raise ConfigError(
+                f"conv.cuda_kernel={self.cuda_kernel!r} is not valid; choose one of {', '.join(CUDA_KERNEL_CHOICES)}"
+            )
+        if self.deformable:
+            try:  # checked here, where the config is read, so the error names the key
+                use_cuda_kernel(self.cuda_kernel)
+            except ValueError as error:
+                raise ConfigError(f"conv.cuda_kernel={self.cuda_kernel}: {error}") from error
 
     def is_deformable_site(self, core: bool) -> bool:
         """Whether a convolution at a site (``core`` = inside the DCNv2 placement) becomes deformable."""
@@ -172,6 +188,7 @@ class ConvFactory:
                 bias=bias,
                 version=self.version,
                 offset_groups=self.offset_groups,
+                cuda_kernel=self.cuda_kernel,
             )
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
 

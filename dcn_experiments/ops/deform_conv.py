@@ -428,6 +428,7 @@ _CUDA_KERNELS: dict[str, tuple[str, CudaForward, CudaBackward, bool]] = {
 # The setting (``conv.cuda_kernel``): a registered kernel, or "auto" = per call by the input's dtype.
 CUDA_KERNEL_CHOICES = ("auto", "torchvision", "triton")
 _cuda_kernel_choice = ["auto"]
+_triton_warned: list[bool] = []  # the missing-Triton warning is logged once per process
 
 
 def register_cuda_kernel(
@@ -446,8 +447,8 @@ def _triton_registered() -> bool:
     from dcn_experiments.ops import triton_deform
 
     if not triton_deform.triton_available():
-        if "triton_missing_logged" not in _extension_state:
-            _extension_state["triton_missing_logged"] = True
+        if not _triton_warned:
+            _triton_warned.append(True)
             log.warning(
                 "deform_conv2d: Triton is not available (%s); bfloat16 CUDA calls run torchvision's kernel in float32",
                 triton_deform.TRITON_IMPORT_ERROR,
