@@ -11,7 +11,7 @@ from dcn_experiments.errors import ConfigError, DataError
 # Config sections that decide what is trained: a checkpoint only continues the same experiment.
 SAME_EXPERIMENT = ("model", "conv", "dataset")
 # Keys of those sections that may differ on resume (they do not change what is computed).
-MAY_DIFFER = {("dataset", "num_workers"), ("dataset", "root"), ("dataset", "download")}
+MAY_DIFFER = {("dataset", "num_workers"), ("dataset", "root"), ("dataset", "download"), ("conv", "cuda_kernel")}
 
 
 def resume_checkpoint(setting: str | None, run_dir: Path) -> Path | None:
