@@ -182,3 +182,13 @@ def test_export_with_dynamic_batch() -> None:
     program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
     x = torch.randn(5, 3, 16, 16)
     torch.testing.assert_close(program.module()(x), net(x))
+
+
+def test_runs_under_inference_mode() -> None:
+    """The C++ kernel's worker threads do not inherit InferenceMode (thread-local)."""
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"], batch=3)
+    )
+    expected = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+    with torch.inference_mode():
+        torch.testing.assert_close(deform_conv2d(x, offset, weight, bias, s, p, d, mask), expected)
