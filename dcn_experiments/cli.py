@@ -87,6 +87,7 @@ _NULLABLE_NUMBERS = {
     "dataset.image_size": "an integer",
 }
 _ABSENT = object()
+_CHOICES = {"trainer.precision": ("32", "bf16", "16")}
 # Keys that were replaced: an old command line gets a one-line answer naming the new key.
 RENAMED_KEYS = {
     "trainer.amp": "trainer.precision=32|bf16|16 (amp=true with amp_dtype=bfloat16 is precision=bf16)",
@@ -264,6 +265,7 @@ def _check_combination(combination: list[tuple[Override, str]]) -> None:
             default = OmegaConf.select(base, key, throw_on_resolution_failure=False)
             value = OmegaConf.select(composed, key, throw_on_resolution_failure=False)
             _check_type(key, default, value)
+            _check_choice(key, value)
 
 
 def _unknown_key(base: DictConfig, key: str, line: str, group_lines: list[str]) -> str:
@@ -286,6 +288,13 @@ def _unknown_key(base: DictConfig, key: str, line: str, group_lines: list[str]) 
         f"{line}: no key {key!r} in the config{context}; {guess}keys of {parent or 'the top level'}: "
         f"{', '.join(map(str, keys))}{'' if line.startswith('~') else f' (a new key needs +{line})'}"
     )
+
+
+def _check_choice(key: str, value: Any) -> None:
+    """Keys with a fixed set of values (which Hydra may parse as numbers: ``trainer.precision=16``)."""
+    choices = _CHOICES.get(key)
+    if choices is not None and str(value).lower() not in choices:
+        raise ConfigError(f"{key}={_as_yaml(value)} is not valid; choose one of {' | '.join(choices)}")
 
 
 def _check_type(key: str, default: Any, value: Any) -> None:

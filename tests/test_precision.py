@@ -169,3 +169,17 @@ def test_report_flags_time_ratios_when_the_deformable_layers_ran_in_float32(tmp_
     assert group["cost"]["deformable_precision_differs"]
     assert "computed in another dtype than the run's precision" in group["cost"]["verdict"]
     assert any("0_d, 1_d" in w and "favours regular" in w for w in group["warnings"])
+
+
+def test_an_unknown_precision_is_one_line_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match=r"^trainer.precision=fp8 is not valid; choose one of 32 \| bf16 \| 16$"):
+        check_overrides(["trainer.precision=fp8"])
+    check_overrides(["trainer.precision=16"])  # valid here; on CPU train() refuses it (needs CUDA)
+
+
+def test_float16_on_cpu_is_a_one_line_error(run_cli) -> None:
+    from tests.conftest import assert_one_line_error
+
+    result = run_cli(*TINY, "device=cpu", "trainer.precision=16", "hydra.run.dir=run")
+    assert result.returncode == 2
+    assert_one_line_error(result, "trainer.precision=16 needs CUDA", "use trainer.precision=bf16 or 32")
