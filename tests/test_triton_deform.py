@@ -265,3 +265,47 @@ def test_imports_and_reports_without_triton(monkeypatch):
 
 if __name__ == "__main__":
     _child(sys.argv[1])
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_cuda_triton_matches_torchvision_values_and_gradients() -> None:
+    from dcn_experiments.ops.triton_deform import deform_conv2d_triton
+
+    tensors, grad_out, geometry = _problem(n=3, c=16, o=24, h=11, w=9, groups=2, offset_groups=2)
+    cuda = {k: None if t is None else t.float().cuda() for k, t in tensors.items()}
+    out, grads = _run(deform_conv2d_triton, cuda, grad_out.cuda(), geometry, torch.float32)
+    tv_out, tv_grads = _run(torchvision.ops.deform_conv2d, cuda, grad_out.cuda(), geometry, torch.float32)
+    torch.testing.assert_close(out, tv_out, rtol=1e-4, atol=1e-4)
+    for name in NAMES:
+        torch.testing.assert_close(grads[name], tv_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_op_under_autocast_runs_the_chosen_kernel(dtype) -> None:
+    """A deformable layer trained under autocast: auto runs Triton in bf16 (torchvision in fp16), and
+    the gradients of the half-precision run follow the fp32 ones."""
+    from dcn_experiments import ops
+    from dcn_experiments.models import DeformConv2d
+
+    torch.manual_seed(0)
+    layer = DeformConv2d(16, 16, 3, padding=1, cuda_kernel="auto").cuda()
+    with torch.no_grad():
+        layer.offset_conv.weight.normal_(0, 0.05)
+    x = torch.randn(4, 16, 12, 12, device="cuda")
+    reference = layer(x).float()
+    try:
+        ops.reset_backend_usage()
+        with torch.autocast("cuda", dtype=dtype):
+            out = layer(x.to(dtype))
+        out.float().sum().backward()
+    finally:
+        ops.use_cuda_kernel("auto")
+    expected = {torch.bfloat16: ("triton-cuda", "bfloat16"), torch.float16: ("torchvision-cuda", "float32")}[dtype]
+    assert ops.backend_usage() == {expected[0]: 1}
+    assert ops.precision_usage() == {expected[1]: 1}
+    assert _rel_err(out.float(), reference.double()) < 3e-2
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
