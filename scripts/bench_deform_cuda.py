@@ -410,6 +410,12 @@ def markdown_end_to_end(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def triton_fp32_precision() -> str:
+    from dcn_experiments.ops import triton_deform
+
+    return str(triton_deform._dot_flags(torch.float32)["PRECISION"])
+
+
 def environment() -> dict:
     import torchvision
     import triton
@@ -425,6 +431,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "triton_fp32_dot_precision": triton_fp32_precision(),
     }
 
 

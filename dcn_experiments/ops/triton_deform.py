@@ -22,7 +22,8 @@ they are never written to memory.
   to run, as in torchvision's CUDA kernel, which scatters the same way.
 
 Fp32 inputs use TF32 in the GEMMs only when ``torch.backends.cuda.matmul.allow_tf32`` is set (torch's
-matmul default is off, and torchvision's kernel uses full fp32). Under Triton's CPU interpreter
+matmul default is off, and torchvision's kernel uses full fp32); otherwise 3xTF32, which keeps
+fp32-level accuracy on the tensor cores. Under Triton's CPU interpreter
 (``TRITON_INTERPRET=1``), whose ``tl.dot`` mishandles bfloat16, bf16 tiles are rounded to bf16 and
 multiplied as fp32: the same products and fp32 accumulation the GPU computes.
 
@@ -139,8 +140,10 @@ if triton is not None:
     def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """acc + a @ b with fp32 accumulation (operands in the input dtype)."""
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
 
     @triton.jit
     def _forward_kernel(
@@ -342,9 +345,15 @@ def _blocks(out_per_group: int, channels_per_group: int) -> dict[str, int]:
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
     upcast = _INTERPRETED and dtype == torch.bfloat16
-    # "ieee" keeps fp32 GEMMs in full fp32; the setting means nothing for fp16/bf16 operands.
-    full_fp32 = dtype == torch.float32 and (_INTERPRETED or not torch.backends.cuda.matmul.allow_tf32)
-    return {"UPCAST": upcast, "PRECISION": "ieee" if full_fp32 else "tf32"}
+    if dtype != torch.float32 or _INTERPRETED:  # the setting means nothing for fp16/bf16 operands
+        return {"UPCAST": upcast, "PRECISION": "ieee" if _INTERPRETED else "tf32"}
+    # fp32: TF32 where torch allows it for matmuls; else 3xTF32 (fp32-level accuracy on tensor cores).
+    # DCN_TRITON_FP32_PRECISION=ieee|tf32x3|tf32 overrides (ieee: plain fp32 FMA, slowest).
+    default = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    precision = os.environ.get("DCN_TRITON_FP32_PRECISION", default)
+    if precision not in ("ieee", "tf32x3", "tf32"):
+        raise RuntimeError(f"DCN_TRITON_FP32_PRECISION={precision!r} is not valid; use ieee, tf32x3 or tf32")
+    return {"UPCAST": False, "PRECISION": precision}
 
 
 def _require(input: Tensor) -> None:
