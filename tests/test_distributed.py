@@ -167,6 +167,7 @@ def test_two_process_torchrun_equals_one_process_over_the_same_global_batch(
     assert len(folders) == 1, folders  # both ranks wrote into rank 0's folder
     run = folders[0]
     assert (run / "train_rank1.log").is_file() and (run / ".hydra").is_dir()
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
     two_metrics, one_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run, one))
     assert two_metrics["world_size"] == 2 and two_metrics["global_batch_size"] == 16
     assert two_metrics["environment"]["dist_backend"] == "gloo"

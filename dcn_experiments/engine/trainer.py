@@ -210,16 +210,17 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return self.precision.autocast(self.device)
 
-    def _agree(self, finite: bool) -> bool:
-        """Under DDP: every rank learns whether any rank saw a non-finite loss or a stop signal
-        (all must skip or stop together, or the others wait forever); returns the shared finiteness."""
+    def _agree(self, finite: bool = True) -> tuple[bool, str | None]:
+        """(every rank's loss finite, the stop signal if any rank got one): under DDP all ranks
+        must skip or stop at the same step, or the others wait forever in the next collective."""
+        received = self._signals.received  # a snapshot: a signal may land while the step runs
         if not self.context.enabled:
-            return finite
-        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signals.received else 0.0])
+            return finite, received
+        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if received else 0.0])
         all_reduce_(flags, "max")
-        if flags[1] > 0 and self._signals.received is None:
-            self._signals.received = "SIGTERM"  # another rank was signalled (torchrun forwards to all)
-        return bool(flags[0] == 0)
+        if flags[1] > 0 and received is None:
+            received = "SIGTERM"  # another rank was signalled (torchrun forwards signals to all)
+        return bool(flags[0] == 0), received
 
     def _progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> tqdm:
         # disable=None: quiet when stderr is not a terminal (CI, log files)
@@ -323,7 +324,8 @@ class Trainer:
                     loss = self.task.loss(logits.float(), targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
-                if not self._agree(bool(torch.isfinite(loss))):
+                finite, stop = self._agree(bool(torch.isfinite(loss)))
+                if not finite:
                     if not self.settings.skip_nonfinite:
                         raise _DivergedError(
                             f"non-finite loss ({loss.item()}) in epoch {epoch} at step {step_in_epoch} "
@@ -356,7 +358,7 @@ class Trainer:
                     )
                 every = self.settings.checkpoint_every_n_steps
                 at_step_checkpoint = every and self.global_step % every == 0 and step_in_epoch < count
-                if at_step_checkpoint or (self._signals.received and step_in_epoch < count):
+                if at_step_checkpoint or (stop and step_in_epoch < count):
                     own = {
                         "images": images,
                         "loss_sum": loss_sum.detach().cpu(),
@@ -372,8 +374,8 @@ class Trainer:
                     if self.context.enabled:
                         progress["ranks"] = gather_objects(own, self.context)
                     self._save(progress)
-                    if self._signals.received:
-                        raise TrainingStoppedError(self._signals.received, self.last_checkpoint, epoch, step_in_epoch)
+                    if stop:
+                        raise TrainingStoppedError(stop, self.last_checkpoint, epoch, step_in_epoch)
         finally:
             bar.close()
             if hasattr(sampler, "skip"):
@@ -484,8 +486,9 @@ class Trainer:
                     record["epoch_time_s"],
                     record["train_throughput_img_s"],
                 )
-                if self._signals.received:
-                    raise TrainingStoppedError(self._signals.received, self.last_checkpoint, epoch, 0)
+                _, stop = self._agree()
+                if stop:
+                    raise TrainingStoppedError(stop, self.last_checkpoint, epoch, 0)
         return result
 
     def _log_epoch(self, record: dict[str, Any], offsets: dict[str, tuple[float, float]]) -> None:
