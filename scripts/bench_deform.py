@@ -238,7 +238,8 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
             ort_fn = onnxruntime_forward(channels, size, batch, args.threads)
             if ort_fn is not None:
                 calls["onnxruntime_fwd_ms"] = ort_fn
-        row.update({key: 1e3 * seconds for key, seconds in time_interleaved(calls, args.device, args.repeats).items()})
+        times = time_interleaved(calls, args.device, args.repeats, _clock(args, args.threads))
+        row.update({key: 1e3 * seconds for key, seconds in times.items()})
         if not args.skip_memory:
             for name in impls:
                 if name == "reference" and batch * channels * size * size > 2**21:
@@ -249,10 +250,13 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, float]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], device: str, rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     """Median seconds per call, running every call once per round so machine drift hits all alike.
 
-    A call slower than 2 s is timed in the first rounds only, to bound the run time.
+    A call slower than 2 s is timed in the first rounds only, to bound the run time. ``clock`` may be
+    ``time.thread_time`` for single-threaded calls on a shared machine (see ``--clock``).
     """
     times: dict[str, list[float]] = {key: [] for key in calls}
     for fn in calls.values():  # warm-up (also builds the CPU extension)
@@ -262,11 +266,16 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: str, rounds
         for key, fn in calls.items():
             if round_index >= 2 and times[key] and min(times[key]) > 2.0:
                 continue
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def _clock(args: argparse.Namespace, threads: int) -> Callable[[], float]:
+    """The calling thread's CPU time for ``--clock thread`` runs at 1 thread, else wall time."""
+    return time.thread_time if args.clock == "thread" and threads == 1 else time.perf_counter
 
 
 def bench_training(args: argparse.Namespace) -> list[dict]:
@@ -331,7 +340,7 @@ def bench_latency(args: argparse.Namespace) -> dict:
             ort_fn = onnxruntime_forward(channels, size, 1, threads)
             if ort_fn is not None:
                 calls["onnxruntime"] = ort_fn
-            times = time_interleaved(calls, "cpu", rounds)
+            times = time_interleaved(calls, "cpu", rounds, _clock(args, threads))
             row = {"family": family, "layer": f"{channels}ch@{size}", "threads": threads}
             layers.append(row | {f"{k}_ms": 1e3 * v for k, v in times.items()})
         for name, kwargs, size in (
@@ -349,7 +358,7 @@ def bench_latency(args: argparse.Namespace) -> dict:
                         model(x)
 
                 calls[conv] = forward
-            times = time_interleaved(calls, "cpu", rounds)
+            times = time_interleaved(calls, "cpu", rounds, _clock(args, threads))
             row = {"model": name, "image": size, "threads": threads, "width": kwargs["width"]}
             models.append(row | {f"{k}_ms": 1e3 * v for k, v in times.items()})
         print(f"  measured batch 1 at {threads} thread(s)", file=sys.stderr, flush=True)
@@ -466,8 +475,18 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow pure-PyTorch fallback")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: time 1-thread calls by the calling thread's CPU time, which other processes on a shared "
+        "machine do not inflate (needs --threads 1, except with --batch 1, whose 1-thread pass uses it)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_deform.json"))
     args = parser.parse_args()
+    if args.clock == "thread" and (args.device != "cpu" or (args.threads != 1 and args.batch != 1)):
+        print("error: --clock thread times one CPU thread; use it with --threads 1 or --batch 1", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
@@ -483,7 +502,7 @@ def main() -> int:
         if args.device != "cpu":
             print("error: --batch 1 (latency mode) measures CPU inference; drop --device cuda", file=sys.stderr)
             return 2
-        payload = environment | {"mode": "batch1-latency"} | bench_latency(args)
+        payload = environment | {"mode": "batch1-latency", "clock_1_thread": args.clock} | bench_latency(args)
         args.out.write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.out}", file=sys.stderr)
         return 0
@@ -493,6 +512,7 @@ def main() -> int:
     summary = print_tables(layers, training, args.device)
     payload = {
         "git_commit": environment["git_commit"],
+        "clock": args.clock,
         "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,

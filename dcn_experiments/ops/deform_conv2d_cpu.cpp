@@ -445,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_input = need_input ? at::zeros({g.batch, g.height, g.width, C}, opts) : at::Tensor();
   at::Tensor grad_offset = need_offset ? at::empty({g.batch, G * K * 2, g.out_h, g.out_w}, opts) : at::Tensor();
   at::Tensor grad_mask = need_mask ? at::empty({g.batch, G * K, g.out_h, g.out_w}, opts) : at::Tensor();
-  at::Tensor grad_wmat = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
+  at::Tensor grad_wmat;  // (g, O/g, K*Cg): the first chunk's partial, then the others added in order
   at::Tensor grad_bias = need_bias ? grad_out_.sum({0, 2, 3}) : at::Tensor();
   const bool need_scatter = need_input || need_offset || need_mask;
 
@@ -455,7 +455,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
     const at::Tensor zero = at::zeros({C}, opts);
-    const int64_t block = block_rows(g, input.element_size());
+    // The scatter pass holds the columns and their gradient at once: half the forward's blocks
+    // (at least 128 rows) keep that pair within the memory of one forward block.
+    const int64_t block = need_weight && need_scatter ? std::max<int64_t>(128, block_rows(g, input.element_size()) / 2)
+                                                      : block_rows(g, input.element_size());
     // An NCHW gradient with large planes is read in place, per image (see the forward);
     // otherwise as (rows, O) after one channels-last copy.
     const bool planes_direct = grad_out_.is_contiguous() && use_planes_directly(g, block);
@@ -510,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       if (by_rows) {
         at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t i_begin, int64_t i_end) {
           at::NoGradGuard no_grad;
-          at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
+          at::Tensor local_gw = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
           at::Tensor local_gi = need_input ? at::zeros_like(grad_input) : at::Tensor();
           for (int64_t i = i_begin; i < i_end; ++i) {
             process(blocks[i].first, blocks[i].second, local_gw, need_input ? local_gi.data_ptr<scalar_t>() : nullptr);
@@ -523,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       }
       at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
         at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
-        at::Tensor local_gw = need_weight ? at::zeros_like(grad_wmat) : at::Tensor();
+        at::Tensor local_gw = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
         for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
           process(row0, rows, local_gw, need_input ? grad_input.data_ptr<scalar_t>() : nullptr);
         });
@@ -534,13 +537,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       });
     });
     for (auto& entry : input_partials) grad_input.add_(entry.second);
-    for (auto& entry : partials) grad_wmat.add_(entry.second);
+    for (auto& entry : partials) {
+      if (grad_wmat.defined()) {
+        grad_wmat.add_(entry.second);
+      } else {
+        grad_wmat = entry.second;  // no zero-filled sum buffer: one weight-sized tensor less at the peak
+      }
+    }
   }
 
   if (need_input) {  // in the input's memory format, as the forward's output
     grad_input = grad_input.permute({0, 3, 1, 2}).contiguous(input_.suggest_memory_format());
   }
   at::Tensor grad_weight;
+  if (need_weight && !grad_wmat.defined()) grad_wmat = at::zeros({groups, Og, K * Cg}, opts);  // batch 0
   if (need_weight) {
     // (g, O/g, K, Cg) -> (O, Cg, kh, kw)
     grad_weight = grad_wmat.view({groups, Og, K, Cg}).transpose(2, 3).reshape({O, Cg, g.kernel_h, g.kernel_w});
