@@ -295,6 +295,10 @@ def _verify(trained: TrainedModel, path: Path, dynamic_batch: bool, repeats: int
     }
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, export and verify one run, print what was written and measured."""
@@ -314,12 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['deform_conv_nodes']} DeformConv nodes, standard operators only)"
     )
     print(
-        f"onnxruntime vs PyTorch on {result['images']} validation images: max abs diff "
+        f"onnxruntime vs PyTorch on {_count(result['images'], 'validation image')}: max abs diff "
         f"{result['absolute_difference']:.2e}, max rel diff {result['relative_difference']:.2e} "
         f"(limit {MAX_RELATIVE_DIFFERENCE:g})"
     )
     print(
-        f"latency per image (batch {result['images']}, {result['threads']} threads): PyTorch "
+        f"latency per image (batch {result['images']}, {_count(result['threads'], 'thread')}): PyTorch "
         f"{result['latency_pytorch_ms']:.3f} ms, onnxruntime {result['latency_onnxruntime_ms']:.3f} ms"
     )
     return 0

@@ -80,7 +80,7 @@ def _export_and_compare(net: nn.Module, path: Path, dynamic_batch: bool, batches
 @pytest.mark.parametrize(
     ("model", "version", "offset_groups", "dynamic_batch"),
     [
-        ("resnet34", 2, 2, False),
+        pytest.param("resnet34", 2, 2, False, marks=pytest.mark.slow),  # 15-40 s on 2 loaded cores
         ("unet", 1, 1, True),
         ("grouped", 2, 2, True),
         ("grouped", 1, 2, False),
@@ -168,7 +168,7 @@ def test_dcn_export_exports_verifies_and_times_a_trained_run(trained_run: Path, 
     assert "on 4 validation images: max abs diff" in lines[1]
     relative = float(lines[1].split("max rel diff ")[1].split()[0])
     assert relative <= MAX_RELATIVE_DIFFERENCE
-    assert lines[2].startswith("latency per image (batch 4, 1 threads): PyTorch ") and "onnxruntime" in lines[2]
+    assert lines[2].startswith("latency per image (batch 4, 1 thread): PyTorch ") and "onnxruntime" in lines[2]
     assert check_standard(trained_run / "model.onnx")["DeformConv"] == deformable > 0
     assert not list(trained_run.glob(".*.tmp"))
 
@@ -238,3 +238,17 @@ def test_a_file_onnxruntime_cannot_load_is_a_one_line_error(
     assert "onnxruntime" in line and "cannot load" in line
     assert output.read_bytes() == b"an earlier export"  # nothing already written is replaced
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow  # trains the run fixture (~20 s) and exports it
+def test_parity_above_the_limit_fails_and_keeps_the_file_aside(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_experiments import export
+
+    monkeypatch.setattr(export, "differences", lambda ours, reference: (0.5, 2e-4))
+    output = tmp_path / "model.onnx"
+    line = _main_error([str(trained_run), "--output", str(output), "--images", "2"], capsys)
+    assert "differs from PyTorch by 2.00e-04 relative" in line and "> 0.0001" in line
+    assert not output.exists()
+    assert check_standard(tmp_path / "model.failed.onnx")["DeformConv"] > 0
