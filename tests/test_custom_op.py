@@ -193,3 +193,25 @@ def test_runs_under_inference_mode() -> None:
     expected = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
     with torch.inference_mode():
         torch.testing.assert_close(deform_conv2d(x, offset, weight, bias, s, p, d, mask), expected)
+
+
+@pytest.mark.parametrize("name", ["groups_and_offset_groups", "no_mask", "non_square_no_bias"])
+def test_cuda_dispatch_point_calls_torchvision_with_the_right_arguments(name: str, monkeypatch) -> None:
+    """No GPU here: torchvision's CPU kernels stand in for its CUDA ones behind ``_cuda_forward`` /
+    ``_cuda_backward`` (same schema), checking argument order and the order of the gradients."""
+    monkeypatch.setattr(module, "_cuda_kernel_choice", ["torchvision"])
+    args = _op_args(GEOMETRIES[name], bias=name != "non_square_no_bias")
+    x, offset, weight, bias, mask, s, p, d = (t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    geometry = module._geometry(s, p, d)
+    offset_groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
+    expected, *expected_grads = _values_and_grads(args)
+    reset_backend_usage()
+    out = module._cuda_forward(x, offset, weight, bias, mask, geometry, offset_groups)
+    assert backend_usage() == {module.TORCHVISION_CUDA: 1}
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    need = (True, True, True, bias is not None, mask is not None)
+    grads = module._cuda_backward(grad_out, x, offset, weight, bias, mask, geometry, offset_groups, need)
+    got = [g for g, n in zip(grads, need, strict=True) if n]
+    for a, b in zip(got, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -393,13 +393,20 @@ def _reference_backward(grad_out, input, offset, weight, bias, mask, geometry: G
 # --- CUDA: the single dispatch point for the CUDA kernel (torchvision, Triton) --------------------
 
 
+def _torchvision_ops():
+    """``torch.ops.torchvision``, whose operators exist only once torchvision has been imported."""
+    import torchvision  # noqa: F401
+
+    return torch.ops.torchvision
+
+
 def _torchvision_forward(input, offset, weight, bias, mask, geometry: Geometry, offset_groups: int) -> Tensor:
     (sh, sw), (ph, pw), (dh, dw) = geometry
     groups = input.shape[1] // weight.shape[1]
     use_mask = mask is not None
-    return torch.ops.torchvision.deform_conv2d(
+    return _torchvision_ops().deform_conv2d(
         input, weight, offset,
-        mask if use_mask else input.new_zeros(0),
+        mask if use_mask else input.new_zeros((input.shape[0], 1)),  # shape torchvision checks
         bias if bias is not None else input.new_zeros(weight.shape[0]),
         sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask,
     )  # fmt: skip
@@ -409,9 +416,9 @@ def _torchvision_backward(grad_out, input, offset, weight, bias, mask, geometry,
     (sh, sw), (ph, pw), (dh, dw) = geometry
     groups = input.shape[1] // weight.shape[1]
     use_mask = mask is not None
-    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = torch.ops.torchvision._deform_conv2d_backward(
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = _torchvision_ops()._deform_conv2d_backward(
         grad_out.contiguous(), input, weight, offset,
-        mask if use_mask else input.new_zeros(0),
+        mask if use_mask else input.new_zeros((input.shape[0], 1)),  # shape torchvision checks
         bias if bias is not None else input.new_zeros(weight.shape[0]),
         sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask,
     )  # fmt: skip
