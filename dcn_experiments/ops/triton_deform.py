@@ -13,8 +13,8 @@ they are never written to memory.
 * weight gradient: ``grad_out^T @ columns`` per (output channels x (tap, channel)) tile over a slice
   of the output positions; the slices' fp32 partials are summed in a fixed order afterwards, so it
   is deterministic (no atomics).
-* offset and mask gradients: one program per tile of output positions owns every (offset group,
-  tap) of its positions and reduces over the channels itself: deterministic, no atomics.
+* offset and mask gradients: one program per (tile of output positions, tap, offset group) reduces
+  over that offset group's channels itself: deterministic, no atomics.
 * input gradient: the column gradient (``grad_out @ W``) is scattered to the four bilinear corners
   of each sampling point with fp32 ``atomic_add``. Where a point lands depends on the learned
   offsets, so any input pixel can receive from any number of (position, tap) pairs and no fixed
@@ -265,73 +265,73 @@ if triton is not None:
         x_row = x_ptr + n64 * sxn
         gx_row = gx_ptr + n64 * gxn
         go_row = n64 * sgn + oy * sgh + ox * sgw
-        for k in range(0, KK):
-            for og in range(0, G):
-                y, x, mod = _tap_position(
-                    off_ptr, msk_ptr, n64, oy, ox, m_ok, og, k, KW, KK, sh, sw, ph, pw, dh, dw,
-                    son, soc, soh, sow, smn, smc, smh, smw, HAS_MASK,
-                )  # fmt: skip
-                y0, x0, ly, lx, in00, in01, in10, in11 = _corners(y, x, H, W, m_ok)
-                hy = 1.0 - ly
-                hx = 1.0 - lx
-                d00 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                d01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                d10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                d11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                c_stop = og * Cpg + Cpg
-                for c0 in range(og * Cpg, c_stop, BLOCK_K):
-                    c = c0 + tl.arange(0, BLOCK_K)
-                    c_ok = c < c_stop
-                    wg = c // Cgw  # weight group of each channel
-                    c_loc = c - wg * Cgw
-                    # column gradient (positions x channels) = grad_out @ W over the channels' groups
-                    gcol = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                    o_lo = (c0 // Cgw) * Og
-                    o_hi = ((tl.minimum(c0 + BLOCK_K, c_stop) - 1) // Cgw + 1) * Og
-                    for o0 in range(o_lo, o_hi, BLOCK_O):
-                        o = o0 + tl.arange(0, BLOCK_O)
-                        o_ok = o < o_hi
-                        go = tl.load(
-                            go_ptr + go_row[:, None] + o[None, :].to(tl.int64) * sgc,
-                            mask=m_ok[:, None] & o_ok[None, :],
-                            other=0.0,
-                        )
-                        w_at = ((wg[None, :] * KK + k) * Cgw + c_loc[None, :]) * Og + (o[:, None] - wg[None, :] * Og)
-                        w_ok = o_ok[:, None] & c_ok[None, :] & (o[:, None] // Og == wg[None, :])
-                        w = tl.load(w_ptr + w_at, mask=w_ok, other=0.0)
-                        gcol = _mma(gcol, go, w, UPCAST, PRECISION)
-                    if NEED_INPUT:
-                        at = gx_row[:, None] + c[None, :].to(tl.int64) * gxc + (y0 * gxh + x0 * gxw)[:, None]
-                        scaled = gcol * mod[:, None]
-                        ok = c_ok[None, :]
-                        tl.atomic_add(at, scaled * (hy * hx)[:, None], mask=in00[:, None] & ok)
-                        tl.atomic_add(at + gxw, scaled * (hy * lx)[:, None], mask=in01[:, None] & ok)
-                        tl.atomic_add(at + gxh, scaled * (ly * hx)[:, None], mask=in10[:, None] & ok)
-                        tl.atomic_add(at + gxh + gxw, scaled * (ly * lx)[:, None], mask=in11[:, None] & ok)
-                    if NEED_OFFSET or NEED_MASK:
-                        v00, v01, v10, v11 = _load_corners(
-                            x_row, c, c_ok, sxc, sxh, sxw, y0, x0, in00, in01, in10, in11
-                        )
-                        d00 += tl.sum(gcol * v00, axis=1)
-                        d01 += tl.sum(gcol * v01, axis=1)
-                        d10 += tl.sum(gcol * v10, axis=1)
-                        d11 += tl.sum(gcol * v11, axis=1)
-                slot = (n64 * G + og) * KK + k  # grad_offset/grad_mask buffers: (N, G, KK, [2,] L)
-                if NEED_OFFSET:
-                    gy = mod * (hx * (d10 - d00) + lx * (d11 - d01))
-                    gxx = mod * (hy * (d01 - d00) + ly * (d11 - d10))
-                    tl.store(goff_ptr + (slot * 2) * L + pos, gy, mask=m_ok)
-                    tl.store(goff_ptr + (slot * 2 + 1) * L + pos, gxx, mask=m_ok)
-                if NEED_MASK:
-                    gm = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                    tl.store(gmsk_ptr + slot * L + pos, gm, mask=m_ok)
+        # one (tap, offset group) per program along axis 1: more programs for deep, small layers, and
+        # each (position, offset group, tap) offset/mask gradient still has one owner
+        k = tl.program_id(1) // G
+        og = tl.program_id(1) % G
+        y, x, mod = _tap_position(
+            off_ptr, msk_ptr, n64, oy, ox, m_ok, og, k, KW, KK, sh, sw, ph, pw, dh, dw,
+            son, soc, soh, sow, smn, smc, smh, smw, HAS_MASK,
+        )  # fmt: skip
+        y0, x0, ly, lx, in00, in01, in10, in11 = _corners(y, x, H, W, m_ok)
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        d00 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        d01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        d10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        d11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        c_stop = og * Cpg + Cpg
+        for c0 in range(og * Cpg, c_stop, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            c_ok = c < c_stop
+            wg = c // Cgw  # weight group of each channel
+            c_loc = c - wg * Cgw
+            # column gradient (positions x channels) = grad_out @ W over the channels' groups
+            gcol = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            o_lo = (c0 // Cgw) * Og
+            o_hi = ((tl.minimum(c0 + BLOCK_K, c_stop) - 1) // Cgw + 1) * Og
+            for o0 in range(o_lo, o_hi, BLOCK_O):
+                o = o0 + tl.arange(0, BLOCK_O)
+                o_ok = o < o_hi
+                go = tl.load(
+                    go_ptr + go_row[:, None] + o[None, :].to(tl.int64) * sgc,
+                    mask=m_ok[:, None] & o_ok[None, :],
+                    other=0.0,
+                )
+                w_at = ((wg[None, :] * KK + k) * Cgw + c_loc[None, :]) * Og + (o[:, None] - wg[None, :] * Og)
+                w_ok = o_ok[:, None] & c_ok[None, :] & (o[:, None] // Og == wg[None, :])
+                w = tl.load(w_ptr + w_at, mask=w_ok, other=0.0)
+                gcol = _mma(gcol, go, w, UPCAST, PRECISION)
+            if NEED_INPUT:
+                at = gx_row[:, None] + c[None, :].to(tl.int64) * gxc + (y0 * gxh + x0 * gxw)[:, None]
+                scaled = gcol * mod[:, None]
+                ok = c_ok[None, :]
+                tl.atomic_add(at, scaled * (hy * hx)[:, None], mask=in00[:, None] & ok)
+                tl.atomic_add(at + gxw, scaled * (hy * lx)[:, None], mask=in01[:, None] & ok)
+                tl.atomic_add(at + gxh, scaled * (ly * hx)[:, None], mask=in10[:, None] & ok)
+                tl.atomic_add(at + gxh + gxw, scaled * (ly * lx)[:, None], mask=in11[:, None] & ok)
+            if NEED_OFFSET or NEED_MASK:
+                v00, v01, v10, v11 = _load_corners(x_row, c, c_ok, sxc, sxh, sxw, y0, x0, in00, in01, in10, in11)
+                d00 += tl.sum(gcol * v00, axis=1)
+                d01 += tl.sum(gcol * v01, axis=1)
+                d10 += tl.sum(gcol * v10, axis=1)
+                d11 += tl.sum(gcol * v11, axis=1)
+        slot = (n64 * G + og) * KK + k  # grad_offset/grad_mask buffers: (N, G, KK, [2,] L)
+        if NEED_OFFSET:
+            gy = mod * (hx * (d10 - d00) + lx * (d11 - d01))
+            gxx = mod * (hy * (d01 - d00) + ly * (d11 - d10))
+            tl.store(goff_ptr + (slot * 2) * L + pos, gy, mask=m_ok)
+            tl.store(goff_ptr + (slot * 2 + 1) * L + pos, gxx, mask=m_ok)
+        if NEED_MASK:
+            gm = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+            tl.store(gmsk_ptr + slot * L + pos, gm, mask=m_ok)
 
 
 def _next_pow2(value: int) -> int:
     return 1 << max(0, int(value) - 1).bit_length()
 
 
-def _blocks(out_per_group: int, channels_per_group: int) -> dict[str, int]:
+def _blocks(out_per_group: int, channels_per_group: int, dtype: torch.dtype) -> dict[str, int]:
     """Tile sizes and warps: small tiles under the interpreter (fast tests), GPU tiles otherwise.
 
     The GPU choice is the largest tile of each kernel that ptxas (sm_80/sm_90, Triton 3.8) compiles
@@ -343,8 +343,9 @@ def _blocks(out_per_group: int, channels_per_group: int) -> dict[str, int]:
     return {
         "BLOCK_M": 64,
         "BLOCK_N": min(64, max(16, _next_pow2(out_per_group))),
-        "BLOCK_K": min(32, max(16, _next_pow2(channels_per_group))),
-        "BLOCK_O": min(64, max(16, _next_pow2(out_per_group))),
+        # fp32 (3xTF32) needs more registers per product: narrower channel and output blocks
+        "BLOCK_K": min(16 if dtype == torch.float32 else 32, max(16, _next_pow2(channels_per_group))),
+        "BLOCK_O": min(32 if dtype == torch.float32 else 64, max(16, _next_pow2(out_per_group))),
         "BLOCK_K_DATA": 16,
         "num_warps": 8,
     }
@@ -422,7 +423,7 @@ def forward(
     mask = mask.to(dtype) if mask is not None else None
     wt = _weight_by_tap(weight, groups, dtype)
     x = _channels_last(input)
-    blocks = _blocks(out_c // groups, cgw)
+    blocks = _blocks(out_c // groups, cgw, input.dtype)
     m_total, positions = n * out_h * out_w, out_h * out_w
     grid = (triton.cdiv(m_total, blocks["BLOCK_M"]), groups * triton.cdiv(out_c // groups, blocks["BLOCK_N"]))
     _forward_kernel[grid](
@@ -477,7 +478,7 @@ def backward(
     need_mask = need_mask and mask is not None
     offset_c, mask_c = offset.to(dtype), mask.to(dtype) if mask is not None else None
     grad_out = grad_out.to(dtype)
-    blocks = _blocks(out_c // groups, cgw)
+    blocks = _blocks(out_c // groups, cgw, input.dtype)
     flags = _dot_flags(dtype)
     geometry = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     input_nhwc = _channels_last(input)
@@ -515,7 +516,7 @@ def backward(
         gmsk = torch.empty((n, offset_groups * taps, out_h, out_w), **f32) if need_mask else None
         if m_total > 0:
             placeholder = gx if gx is not None else (goff if goff is not None else gmsk)
-            _grad_data_kernel[(triton.cdiv(m_total, blocks["BLOCK_M"]),)](
+            _grad_data_kernel[(triton.cdiv(m_total, blocks["BLOCK_M"]), taps * offset_groups)](
                 input_nhwc, offset_c, mask_arg, grad_out, _weight_by_tap(weight, groups, dtype),
                 gx if gx is not None else placeholder,
                 goff if goff is not None else placeholder,
