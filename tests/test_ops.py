@@ -112,7 +112,7 @@ def test_noncontiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask"])
+@pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask", "few_rows"])
 def test_gradcheck_float64(name: str, path: str) -> None:
     n, c, o, h, w, k, s, p, d, g, og, use_mask, scale = CASES[name]
     # One image takes the row-split path on one thread (many threads on tiny inputs only add waits).
