@@ -9,8 +9,12 @@ ratios to the same arm's 1-process float32 run measured in the same rounds: on a
 other work only the ratios mean something. The joblib rows run both arms as one sweep with
 ``n_jobs`` 1 and 2 and compare the sweep's wall time.
 
-    python scripts/bench_scaling.py                    # prints the table, writes bench_scaling.json
+Precision and layout are also timed the way that survives a busy machine: training steps of every
+(arm, setting) interleaved in one process (``--steps`` rounds, medians), ratios to float32.
+
+    python scripts/bench_scaling.py                    # prints the tables, writes bench_scaling.json
     python scripts/bench_scaling.py --rounds 1 --batches 2
+    python scripts/bench_scaling.py --in-process-only  # the interleaved precision/layout table alone
 """
 
 from __future__ import annotations
@@ -63,6 +67,69 @@ def _throughput(run_dir: Path) -> float:
     return json.loads((run_dir / "metrics.json").read_text())["epochs"][-1]["train_throughput_img_s"]
 
 
+def interleaved_steps(args: argparse.Namespace) -> list[dict]:
+    """Median seconds of one training step per arm and setting (fp32, bf16, channels-last), the
+    settings timed in interleaved rounds in this process."""
+    import torch.nn.functional as F
+
+    from dcn_experiments.engine.precision import memory_format, resolve_precision
+    from dcn_experiments.models import CONVS, MODELS
+
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 8, (args.batch,), generator=generator)
+    setups = {}
+    for arm in ARMS:
+        for name in ("fp32", "bf16", "channels_last"):
+            torch.manual_seed(0)
+            model = MODELS.build("resnet34", num_classes=8, conv=CONVS.build(arm), width=args.width)
+            layout = memory_format(name == "channels_last")
+            model.to(memory_format=layout)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            setups[(arm, name)] = (model, optimizer, resolve_precision("bf16" if name == "bf16" else "32", cpu), layout)
+
+    def step(key: tuple[str, str]) -> float:
+        model, optimizer, precision, layout = setups[key]
+        inputs = images.contiguous(memory_format=layout)
+        start = time.perf_counter()
+        with precision.autocast(cpu):
+            loss = F.cross_entropy(model(inputs).float(), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    for key in setups:  # warm-up (kernel build, allocator)
+        step(key)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
+    for _ in range(args.steps):
+        for key in setups:
+            times[key].append(step(key))
+    rows = []
+    for arm, name in setups:
+        median = statistics.median(times[(arm, name)])
+        base = statistics.median(times[(arm, "fp32")])
+        regular = statistics.median(times[("regular", name)])
+        rows.append(
+            {
+                "arm": arm,
+                "config": name,
+                "step_ms": 1e3 * median,
+                "ratio_to_fp32": median / base,
+                "deformable_over_regular": median / regular,
+            }
+        )
+    print(f"\ninterleaved training steps (batch {args.batch}, width {args.width}, {torch.get_num_threads()} threads)")
+    print(f"{'arm':10s} {'config':14s} {'ms/step':>8s} {'x fp32':>7s} {'x regular':>9s}")
+    for row in rows:
+        print(
+            f"{row['arm']:10s} {row['config']:14s} {row['step_ms']:8.1f} {row['ratio_to_fp32']:7.2f} "
+            f"{row['deformable_over_regular']:9.2f}"
+        )
+    return rows
+
+
 def main() -> None:
     """Run the rounds, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,8 +137,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="training batches per epoch")
     parser.add_argument("--batch", type=int, default=32, help="global batch (DDP: half per process)")
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="interleaved rounds of training steps")
+    parser.add_argument("--in-process-only", action="store_true", help="skip the subprocess (DDP, joblib) table")
     parser.add_argument("--out", type=Path, default=Path("bench_scaling.json"))
     args = parser.parse_args()
+    steps = interleaved_steps(args)
+    if args.in_process_only:
+        payload = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "steps": steps}
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.out}")
+        return
     samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -112,6 +187,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "samples": samples,
         "rows": rows,
+        "steps": steps,
         "sweep_wall_s": walls,
     }
     args.out.write_text(json.dumps(payload, indent=2))
