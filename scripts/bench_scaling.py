@@ -53,10 +53,11 @@ def _base(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _run(prefix: tuple[str, ...], overrides: list[str], cwd: Path) -> float:
+def _run(prefix: tuple[str, ...], overrides: list[str], cwd: Path, threads: int | None) -> float:
     command = [sys.executable, *prefix, "-m", "dcn_experiments.train", *overrides]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -139,6 +140,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="interleaved rounds of training steps")
     parser.add_argument("--in-process-only", action="store_true", help="skip the subprocess (DDP, joblib) table")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of every run (torchrun sets 1 per process anyway); 1 keeps a busy machine's "
+        "OpenMP barriers from stalling, which makes 2-thread runs swing by 10x there",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_scaling.json"))
     args = parser.parse_args()
     steps = interleaved_steps(args)
@@ -156,14 +164,14 @@ def main() -> None:
                     batch = args.batch // 2 if name == "ddp2" else args.batch
                     run_dir = work / f"{round_}_{arm}_{name}"
                     overrides = [*_base(args), f"conv={arm}", f"dataset.batch_size={batch}", *extra]
-                    _run(prefix, [*overrides, f"hydra.run.dir={run_dir}"], work)
+                    _run(prefix, [*overrides, f"hydra.run.dir={run_dir}"], work, args.threads)
                     samples.setdefault(f"{arm}/{name}", []).append(_throughput(run_dir))
                     print(f"round {round_} {arm:10s} {name:13s} {samples[f'{arm}/{name}'][-1]:8.1f} img/s", flush=True)
             for jobs in (1, 2):
                 sweep = work / f"{round_}_joblib{jobs}"
                 overrides = [*_base(args), f"dataset.batch_size={args.batch}", "conv=regular,deformable"]
                 launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={sweep}"]
-                wall = _run((), ["-m", *launcher, *overrides], work)
+                wall = _run((), ["-m", *launcher, *overrides], work, args.threads)
                 samples.setdefault(f"sweep/joblib{jobs}_wall_s", []).append(wall)
                 for arm in ARMS:
                     (run_dir,) = sweep.glob(f"*_{arm}")
