@@ -55,6 +55,10 @@ class GroupedDeformable(nn.Module):
 
 
 def _tiny(name: str, version: int = 2, offset_groups: int = 1) -> nn.Module:
+    # A fixed init: for about 1 in 10 random inits of the all-deformable ResNet-34 (width 4, offsets
+    # perturbed) PyTorch's own float32 output differs from float64 by 5e-4..1e-3 relative (the untrained
+    # net amplifies rounding), so a 1e-4 parity check would fail on conditioning, not on the export.
+    torch.manual_seed(0)
     if name == "grouped":
         return _perturb_offsets(GroupedDeformable(version), scale=0.2)
     conv = CONVS.build("deformable", placement="all", version=version, offset_groups=offset_groups)
