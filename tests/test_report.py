@@ -324,5 +324,7 @@ def test_the_same_setting_spelled_differently_is_one_group(tmp_path: Path) -> No
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("- conv=regular\n- trainer.lr=1e-3\n- report.robustness=True\n- seed=0\n")
-    b.write_text("- conv=deformable\n- trainer.lr=0.001\n- report.robustness=false\n- seed=1\n- trainer.progress=false\n")
+    b.write_text(
+        "- conv=deformable\n- trainer.lr=0.001\n- report.robustness=false\n- seed=1\n- trainer.progress=false\n"
+    )
     assert shared_overrides(a) == shared_overrides(b) == ["trainer.lr=0.001"]
