@@ -90,6 +90,27 @@ def mean_over_strengths(strengths: Sequence[float], values: Sequence[float]) -> 
     return area / (strengths[-1] - strengths[0])
 
 
+def model_from_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> tuple[str, Any, torch.nn.Module]:
+    """Rebuild a run's task name, data and model from a checkpoint's stored config, with its weights loaded.
+
+    A config or weights that are not a dcn-train run's raise a one-line ``DataError`` naming the file.
+    """
+    cfg = OmegaConf.create(checkpoint["config"])
+    try:
+        task_name, data = build_data(cfg)
+        model = build_model(cfg, data)
+    except (AttributeError, KeyError) as error:
+        raise DataError(f"{checkpoint_path}: its config is not a dcn-train config ({one_line(error)[:160]})") from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise DataError(
+            f"{checkpoint_path}: its weights do not fit the model its config describes "
+            f"({one_line(error)[:200]}); the checkpoint is not from a dcn-train run"
+        ) from None
+    return task_name, data, model
+
+
 def evaluate_robustness(run_dir: Path, output: Path | None = None, device: str | None = None) -> dict[str, Any]:
     """Evaluate one run clean and under each perturbation axis; write robustness.json + robustness.png.
 
@@ -109,15 +130,7 @@ def evaluate_robustness(run_dir: Path, output: Path | None = None, device: str |
         )
     target = _device_for(device, identity.get("device") or cfg.device.name, run_dir)
 
-    task_name, data = build_data(cfg)
-    model = build_model(cfg, data)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise DataError(
-            f"{checkpoint_path}: its weights do not fit the model its config describes "
-            f"({one_line(error)[:200]}); the checkpoint is not from this run"
-        ) from None
+    task_name, data, model = model_from_checkpoint(checkpoint, checkpoint_path)
     model.to(target)
     task = TASKS.build(
         task_name, num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names

@@ -30,9 +30,8 @@ from dcn_experiments.cli import exit_on_user_error, one_line
 from dcn_experiments.data import make_loader
 from dcn_experiments.engine import read_checkpoint
 from dcn_experiments.errors import ConfigError, DataError, UserError
-from dcn_experiments.eval import check_run
+from dcn_experiments.eval import check_run, model_from_checkpoint
 from dcn_experiments.models import deformable_layers
-from dcn_experiments.train import build_data, build_model
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +101,7 @@ def load_trained(source: Path, images: int) -> TrainedModel:
         raise DataError(f"{source} not found; pass a run folder written by dcn-train or its checkpoints/last.pt")
     checkpoint = read_checkpoint(checkpoint_path)
     cfg = OmegaConf.create(checkpoint["config"])
-    try:
-        _, data = build_data(cfg)
-        model = build_model(cfg, data)
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise DataError(
-            f"{checkpoint_path}: its weights do not fit the model its config describes "
-            f"({one_line(error)[:200]}); the checkpoint is not from a dcn-train run"
-        ) from None
-    except (AttributeError, KeyError) as error:
-        raise DataError(f"{checkpoint_path}: its config is not a dcn-train config ({one_line(error)[:160]})") from None
+    _, data, model = model_from_checkpoint(checkpoint, checkpoint_path)
     loader = make_loader(
         data.val, batch_size=images, num_workers=0, shuffle=False, seed=cfg.seed, device=torch.device("cpu"),
         name="validation",
