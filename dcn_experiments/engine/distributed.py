@@ -116,7 +116,13 @@ def gather_objects(value: Any, context: DistContext) -> list[Any]:
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or ``max``) ``tensor`` over all ranks in place; a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        work = tensor
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            # nccl reduces CUDA tensors only; the trainer's loss sums and stop flags live on the CPU.
+            work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(work, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
 
 
