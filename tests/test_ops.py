@@ -30,6 +30,9 @@ CASES = {
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
     "few_rows": (2, 8, 32, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # 64 channels and at least 4 rows per output channel: the row-split forward's GEMM is a 1x1
+    # oneDNN convolution of the columns (float32 only; float64 stays on BLAS)
+    "onednn_rows": (2, 64, 16, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -136,7 +139,7 @@ def _layout(t: torch.Tensor) -> str:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("implementation", [deform_conv2d, deform_conv2d_reference], ids=["ours", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image"])
+@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image", "onednn_rows"])
 def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str, path) -> None:
     """NCHW in -> NCHW out, channels-last in -> channels-last out (and the same for grad_input), with
     the values of the other layout: a channels-last result for an NCHW input sends the next layers
@@ -156,7 +159,7 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "few_rows"])
+@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "few_rows", "onednn_rows"])
 def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
     (split by image over 1 thread): output and the per-image gradients; the weight and bias
@@ -182,6 +185,20 @@ def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     for index, label in ((2, "weight"), (3, "bias")):
         total = torch.stack([g[index] for _, g in singles]).sum(0)
         torch.testing.assert_close(total, batched_grads[index], rtol=1e-4, atol=1e-4, msg=label)
+
+
+def test_onednn_forward_matches_the_blas_forward() -> None:
+    """The row-split forward through oneDNN (see ``onednn_rows``) equals the BLAS GEMM's result,
+    which is what runs when the user turns oneDNN off."""
+    x, offset, weight, bias, s, p, d, mask = _inputs(CASES["onednn_rows"], torch.float32, seed=4)
+    with kernel_path("by_rows", x.shape[0]), torch.no_grad():
+        through_onednn = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+        torch.backends.mkldnn.enabled = False
+        try:
+            through_blas = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+        finally:
+            torch.backends.mkldnn.enabled = True
+    torch.testing.assert_close(through_onednn, through_blas, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)
