@@ -187,6 +187,30 @@ def test_batch_of_one_equals_the_batched_result(name: str) -> None:
         torch.testing.assert_close(total, batched_grads[index], rtol=1e-4, atol=1e-4, msg=label)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_offsets_sample_zeros_and_nan_offsets_propagate(path: str) -> None:
+    """Sampling points far outside the image (|offset| up to 1e30, beyond int32 and float's exact
+    integers) read zeros, so only the bias is left, with finite gradients; a NaN offset makes its
+    output position NaN rather than being hidden."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, 6, 6, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(4, 8, 3, 3, generator=gen), torch.randn(4, generator=gen)
+    offset = torch.zeros(4, 18, 6, 6)
+    offset[0, :, 2, 3], offset[1, :, 1, 1], offset[2, :, 4, 4] = 1e30, -1e30, 3e7
+    offset.requires_grad_()
+    with kernel_path(path, 4):
+        out = deform_conv2d(x, offset, weight, bias, padding=1)
+        out.sum().backward()
+        with_nan = offset.detach().clone()
+        with_nan[3, 0, 5, 5] = float("nan")
+        nan_out = deform_conv2d(x.detach(), with_nan, weight, bias, padding=1)
+    for b, i, j in ((0, 2, 3), (1, 1, 1), (2, 4, 4)):
+        torch.testing.assert_close(out[b, :, i, j], bias)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(offset.grad).all()
+    assert torch.isnan(nan_out[3, :, 5, 5]).all()
+    assert torch.isnan(nan_out).sum() == 4  # that position only
+
+
 def test_onednn_forward_matches_the_blas_forward() -> None:
     """The row-split forward through oneDNN (see ``onednn_rows``) equals the BLAS GEMM's result,
     which is what runs when the user turns oneDNN off."""

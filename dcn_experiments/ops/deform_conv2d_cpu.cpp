@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -115,6 +116,129 @@ void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* of
   }
 }
 
+// The bilinear sampling plan of up to kPlanRows consecutive rows of one image for one kernel tap:
+// each corner's pixel index (y * W + x, -1 outside the image) and bilinear weight, the mask value
+// and the fractional parts (for the offset gradient). Computed
+// for all rows of a tap at once (vectorised over rows: the offsets and the mask are contiguous
+// along the rows), then used per row by the channel loops; keeps the scalar floor/compare work
+// out of the loop that waits on the corner loads.
+constexpr int64_t kPlanRows = 64;
+
+template <typename scalar_t>
+struct TapPlan {
+  int32_t index[4][kPlanRows];
+  scalar_t weight[4][kPlanRows];
+  scalar_t mask[kPlanRows], ly[kPlanRows], lx[kPlanRows];
+};
+
+// floor(v), exact for |v| < 2^22 (float) or 2^51 (double), where it equals std::floor; beyond,
+// every corner is outside any image anyway. Rounds to nearest by adding and removing 1.5 * 2^mantissa.
+template <typename scalar_t>
+inline scalar_t floor_small(scalar_t v) {
+  const scalar_t magic = sizeof(scalar_t) == 4 ? scalar_t(12582912.0) : scalar_t(6755399441055744.0);
+  const scalar_t r = (v + magic) - magic;
+  return r > v ? r - 1 : r;
+}
+
+// A corner coordinate limited to [-2, hi] (NaN -> hi): one that was outside [-1, hi - 1] stays so.
+template <typename scalar_t>
+inline scalar_t clamp_coordinate(scalar_t v, scalar_t hi) {
+  const scalar_t c = v < hi ? v : hi;
+  return c > scalar_t(-2) ? c : scalar_t(-2);
+}
+
+// Plan rows [l0, l0 + n) of image `b` (n <= kPlanRows) for every (offset group, tap) into
+// plans[grp * K + k]. Same arithmetic, in the same order, as locate(): bitwise the same columns.
+template <typename scalar_t>
+void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t l0, int64_t n,
+               const TapGrid& taps, TapPlan<scalar_t>* plans) {
+  const int64_t L = g.out_size(), K = g.kernel_size(), G = g.offset_groups;
+  const int32_t H = static_cast<int32_t>(g.height), W = static_cast<int32_t>(g.width);
+  int32_t base_y[kPlanRows], base_x[kPlanRows];
+  scalar_t ones[kPlanRows];
+  std::fill(ones, ones + kPlanRows, scalar_t(1));
+  for (int64_t i = 0, oy = l0 / g.out_w, ox = l0 % g.out_w; i < n; ++i) {
+    base_y[i] = static_cast<int32_t>(oy * g.stride_h);
+    base_x[i] = static_cast<int32_t>(ox * g.stride_w);
+    if (++ox == g.out_w) ox = 0, ++oy;
+  }
+  for (int64_t grp = 0; grp < G; ++grp) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t plane = grp * K + k;
+      const scalar_t* oy = offset + (b * G * K * 2 + 2 * plane) * L + l0;
+      const scalar_t* ox = oy + L;
+      const scalar_t* msk = mask ? mask + (b * G * K + plane) * L + l0 : ones;
+      const int32_t dy = static_cast<int32_t>(taps.dy[k]), dx = static_cast<int32_t>(taps.dx[k]);
+      TapPlan<scalar_t>& p = plans[plane];
+      // Branch-free so that it vectorises (GCC 12 vectorises neither std::floor nor std::min/max here).
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t y = static_cast<scalar_t>(base_y[i] + dy) + oy[i];
+        const scalar_t x = static_cast<scalar_t>(base_x[i] + dx) + ox[i];
+        const scalar_t y0f = floor_small(y), x0f = floor_small(x);
+        const scalar_t ly = y - y0f, lx = x - x0f, hy = 1 - ly, hx = 1 - lx;
+        // Clamped before the integer conversion (huge or NaN offsets): outside stays outside.
+        const int32_t y0 = static_cast<int32_t>(clamp_coordinate(y0f, scalar_t(H)));
+        const int32_t x0 = static_cast<int32_t>(clamp_coordinate(x0f, scalar_t(W)));
+        // Corner validity as all-ones/zero masks: (unsigned) v < H is 0 <= v < H.
+        const int32_t vy0 = -int32_t(uint32_t(y0) < uint32_t(H)), vy1 = -int32_t(uint32_t(y0 + 1) < uint32_t(H));
+        const int32_t vx0 = -int32_t(uint32_t(x0) < uint32_t(W)), vx1 = -int32_t(uint32_t(x0 + 1) < uint32_t(W));
+        const int32_t at = y0 * W + x0;
+        p.index[0][i] = ((at + 1) & vy0 & vx0) - 1;
+        p.index[1][i] = ((at + 2) & vy0 & vx1) - 1;
+        p.index[2][i] = ((at + W + 1) & vy1 & vx0) - 1;
+        p.index[3][i] = ((at + W + 2) & vy1 & vx1) - 1;
+        p.weight[0][i] = hy * hx;
+        p.weight[1][i] = hy * lx;
+        p.weight[2][i] = ly * hx;
+        p.weight[3][i] = ly * lx;
+        p.mask[i] = msk[i];
+        p.ly[i] = ly;
+        p.lx[i] = lx;
+      }
+    }
+  }
+}
+
+// sample_rows_cg through a plan (see TapPlan): the same columns, computed in two passes.
+template <typename scalar_t, int64_t CG>
+void sample_rows_planned_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                            const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
+  const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
+  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
+  const TapGrid taps(g);
+  std::vector<TapPlan<scalar_t>> plans(G * K);
+  for (int64_t r = 0; r < rows;) {
+    const int64_t row = row0 + r, b = row / L, l0 = row % L;
+    const int64_t n = std::min({kPlanRows, rows - r, L - l0});
+    plan_rows(g, offset, mask, b, l0, n, taps, plans.data());
+    const scalar_t* image = input + b * g.height * g.width * C;
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* dst_row = columns + (r + i) * K * C;
+      for (int64_t grp = 0; grp < G; ++grp) {
+        for (int64_t k = 0; k < K; ++k) {
+          const TapPlan<scalar_t>& p = plans[grp * K + k];
+          const scalar_t* pt[4];
+          for (int q = 0; q < 4; ++q) {
+            const int32_t at = p.index[q][i];
+            pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + grp * Cg : zero;
+          }
+          const scalar_t m = p.mask[i];
+          const scalar_t w0 = p.weight[0][i] * m, w1 = p.weight[1][i] * m, w2 = p.weight[2][i] * m,
+                         w3 = p.weight[3][i] * m;
+          const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
+          scalar_t* __restrict__ dst = dst_row + k * C + grp * Cg;
+#pragma omp simd
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
+          }
+        }
+      }
+    }
+    r += n;
+  }
+}
+
 // For `rows` rows starting at global row `row0`: scatter column gradients into the input gradient
 // and reduce them into offset/mask gradients. The caller owns the images these rows touch.
 template <typename scalar_t, int64_t CG>
@@ -186,6 +310,83 @@ void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* o
   }
 }
 
+// scatter_rows_cg through a plan (see TapPlan): the same results, with the coordinates of a
+// block of rows computed in one vectorised pass.
+template <typename scalar_t, int64_t CG>
+void scatter_rows_planned_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                             const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
+                             scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
+  const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
+  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
+  const int64_t HW = g.height * g.width;
+  const TapGrid taps(g);
+  std::vector<TapPlan<scalar_t>> plans(G * K);
+  for (int64_t r = 0; r < rows;) {
+    const int64_t row = row0 + r, b = row / L, l0 = row % L;
+    const int64_t n = std::min({kPlanRows, rows - r, L - l0});
+    plan_rows(g, offset, mask, b, l0, n, taps, plans.data());
+    const scalar_t* image = input + b * HW * C;
+    scalar_t* gimage = grad_input ? grad_input + b * HW * C : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t l = l0 + i;
+      const int64_t off_at = b * G * K * 2 * L + l, msk_at = b * G * K * L + l;  // (N, G, K, [2,] L)
+      const scalar_t* gcol_row = grad_columns + (r + i) * K * C;
+      for (int64_t grp = 0; grp < G; ++grp) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t plane = grp * K + k;
+          const TapPlan<scalar_t>& p = plans[plane];
+          const scalar_t m = p.mask[i];
+          const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
+          if (columns) {  // the forward's columns for the weight gradient, while the corners are in cache
+            const scalar_t* pt[4];
+            for (int q = 0; q < 4; ++q) {
+              const int32_t at = p.index[q][i];
+              pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + grp * Cg : zero;
+            }
+            const scalar_t w0 = p.weight[0][i] * m, w1 = p.weight[1][i] * m, w2 = p.weight[2][i] * m,
+                           w3 = p.weight[3][i] * m;
+            const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
+            scalar_t* __restrict__ dst = columns + (r + i) * K * C + k * C + grp * Cg;
+#pragma omp simd
+            for (int64_t ch = 0; ch < Cg; ++ch) {
+              dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
+            }
+          }
+          scalar_t dots[4] = {0, 0, 0, 0};
+          for (int q = 0; q < 4; ++q) {
+            const int32_t index = p.index[q][i];
+            if (index < 0) continue;
+            const int64_t at = static_cast<int64_t>(index) * C + grp * Cg;
+            if (grad_offset || grad_mask) {
+              const scalar_t* __restrict__ v = image + at;
+              scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+              for (int64_t ch = 0; ch < Cg; ++ch) s += gc[ch] * v[ch];
+              dots[q] = s;
+            }
+            if (gimage) {
+              const scalar_t wq = p.weight[q][i] * m;
+              scalar_t* __restrict__ dst = gimage + at;
+#pragma omp simd
+              for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
+            }
+          }
+          if (grad_offset) {
+            const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
+            grad_offset[off_at + 2 * plane * L] = m * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1]));
+            grad_offset[off_at + (2 * plane + 1) * L] = m * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2]));
+          }
+          if (grad_mask) {
+            grad_mask[msk_at + plane * L] =
+                p.weight[0][i] * dots[0] + p.weight[1][i] * dots[1] + p.weight[2][i] * dots[2] + p.weight[3][i] * dots[3];
+          }
+        }
+      }
+    }
+    r += n;
+  }
+}
+
 // Calls body(std::integral_constant<int64_t, CG>) with CG = `channels` for the common widths, else 0.
 template <typename Body>
 void with_channel_count(int64_t channels, const Body& body) {
@@ -203,7 +404,11 @@ template <typename scalar_t>
 void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                  const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
-    sample_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
+    if (g.height * g.width < (int64_t(1) << 30)) {  // pixel indices in int32
+      sample_rows_planned_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
+    } else {
+      sample_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
+    }
   });
 }
 
@@ -212,8 +417,13 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
                   const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
                   scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
-    scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
-                                                   grad_offset, grad_mask, zero, columns);
+    if (g.height * g.width < (int64_t(1) << 30)) {  // pixel indices in int32
+      scatter_rows_planned_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows,
+                                                             grad_input, grad_offset, grad_mask, zero, columns);
+    } else {
+      scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
+                                                     grad_offset, grad_mask, zero, columns);
+    }
   });
 }
 
