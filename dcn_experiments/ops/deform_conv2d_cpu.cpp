@@ -33,35 +33,6 @@ struct Geometry {
   int64_t channels_per_offset_group() const { return channels / offset_groups; }
 };
 
-// One sampling point: four corner pointers (nullptr = outside) and the bilinear weights.
-template <typename scalar_t>
-struct Corners {
-  int64_t index[4];  // flattened (y * W + x) position of each corner, -1 if outside
-  scalar_t weight[4];
-  scalar_t ly, lx;
-};
-
-template <typename scalar_t>
-inline Corners<scalar_t> locate(scalar_t y, scalar_t x, int64_t height, int64_t width) {
-  Corners<scalar_t> c;
-  const scalar_t y0f = std::floor(y), x0f = std::floor(x);
-  const int64_t y0 = static_cast<int64_t>(y0f), x0 = static_cast<int64_t>(x0f);
-  c.ly = y - y0f;
-  c.lx = x - x0f;
-  const scalar_t hy = 1 - c.ly, hx = 1 - c.lx;
-  const bool vy0 = y0 >= 0 && y0 < height, vy1 = y0 + 1 >= 0 && y0 + 1 < height;
-  const bool vx0 = x0 >= 0 && x0 < width, vx1 = x0 + 1 >= 0 && x0 + 1 < width;
-  c.index[0] = (vy0 && vx0) ? y0 * width + x0 : -1;
-  c.index[1] = (vy0 && vx1) ? y0 * width + x0 + 1 : -1;
-  c.index[2] = (vy1 && vx0) ? (y0 + 1) * width + x0 : -1;
-  c.index[3] = (vy1 && vx1) ? (y0 + 1) * width + x0 + 1 : -1;
-  c.weight[0] = hy * hx;
-  c.weight[1] = hy * c.lx;
-  c.weight[2] = c.ly * hx;
-  c.weight[3] = c.ly * c.lx;
-  return c;
-}
-
 // Integer part of each kernel tap's sampling position relative to its output position's
 // (oy * stride, ox * stride): k -> (ki * dil - pad, kj * dil - pad). Saves a division per tap.
 struct TapGrid {
@@ -73,48 +44,6 @@ struct TapGrid {
     }
   }
 };
-
-// Fill `rows` rows of columns, starting at global row `row0` (row = b * L + l), laid out
-// (row, K, C). offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's contiguous
-// NCHW tensors read in place (consecutive rows read consecutive addresses of each plane);
-// input: (N, H, W, C).
-// CG: channels per offset group known at compile time (0: read from g). The channel loops are
-// then fixed-length, so short ones (U-Net widths, 8-64) vectorise without scalar remainders.
-template <typename scalar_t, int64_t CG>
-void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                    const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
-  const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
-  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
-  const TapGrid taps(g);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = row0 + r, b = row / L, l = row % L;
-    const int64_t y0 = (l / g.out_w) * g.stride_h, x0 = (l % g.out_w) * g.stride_w;
-    const scalar_t* image = input + b * g.height * g.width * C;
-    const scalar_t* off = offset + b * G * K * 2 * L + l;
-    const scalar_t* msk = mask ? mask + b * G * K * L + l : nullptr;
-    scalar_t* dst_row = columns + r * K * C;
-    for (int64_t grp = 0; grp < G; ++grp) {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t plane = grp * K + k;
-        const Corners<scalar_t> c = locate(static_cast<scalar_t>(y0 + taps.dy[k]) + off[2 * plane * L],
-                                           static_cast<scalar_t>(x0 + taps.dx[k]) + off[(2 * plane + 1) * L],
-                                           g.height, g.width);
-        const scalar_t m = msk ? msk[plane * L] : scalar_t(1);
-        // Corners outside the image read from a zero vector: no branches in the channel loop.
-        const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
-        const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
-        const scalar_t* p2 = c.index[2] >= 0 ? image + c.index[2] * C + grp * Cg : zero;
-        const scalar_t* p3 = c.index[3] >= 0 ? image + c.index[3] * C + grp * Cg : zero;
-        const scalar_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
-        scalar_t* __restrict__ dst = dst_row + k * C + grp * Cg;
-#pragma omp simd
-        for (int64_t ch = 0; ch < Cg; ++ch) {
-          dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
-        }
-      }
-    }
-  }
-}
 
 // The bilinear sampling plan of up to kPlanRows consecutive rows of one image for one kernel tap:
 // each corner's pixel index (y * W + x, -1 outside the image) and bilinear weight, the mask value
@@ -148,7 +77,7 @@ inline scalar_t clamp_coordinate(scalar_t v, scalar_t hi) {
 }
 
 // Plan rows [l0, l0 + n) of image `b` (n <= kPlanRows) for every (offset group, tap) into
-// plans[grp * K + k]. Same arithmetic, in the same order, as locate(): bitwise the same columns.
+// plans[grp * K + k].
 template <typename scalar_t>
 void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t l0, int64_t n,
                const TapGrid& taps, TapPlan<scalar_t>* plans) {
@@ -200,9 +129,14 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
   }
 }
 
-// sample_rows_cg through a plan (see TapPlan): the same columns, computed in two passes.
+// Fill `rows` rows of columns, starting at global row `row0` (row = b * L + l), laid out
+// (row, K, C). offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's contiguous
+// NCHW tensors read in place; input: (N, H, W, C). Per block of rows of one image: plan the taps
+// (see TapPlan), then the channel loops.
+// CG: channels per offset group known at compile time (0: read from g). The channel loops are
+// then fixed-length, so short ones (U-Net widths, 8-64) vectorise without scalar remainders.
 template <typename scalar_t, int64_t CG>
-void sample_rows_planned_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                             const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
@@ -240,80 +174,12 @@ void sample_rows_planned_cg(const Geometry& g, const scalar_t* input, const scal
 }
 
 // For `rows` rows starting at global row `row0`: scatter column gradients into the input gradient
-// and reduce them into offset/mask gradients. The caller owns the images these rows touch.
+// and reduce them into offset/mask gradients; with `columns`, also sample the forward's columns
+// (for the weight gradient) while the corners are in cache. The caller owns the images these rows
+// touch. Bilinear sampling follows torchvision: outside corners read zero; the gradient w.r.t. a
+// coordinate is the one-sided derivative through floor().
 template <typename scalar_t, int64_t CG>
 void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                     const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
-                     scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
-  const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
-  const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
-  const int64_t HW = g.height * g.width;
-  const TapGrid taps(g);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = row0 + r, b = row / L, l = row % L;
-    const int64_t y0 = (l / g.out_w) * g.stride_h, x0 = (l % g.out_w) * g.stride_w;
-    const scalar_t* image = input + b * HW * C;
-    scalar_t* gimage = grad_input ? grad_input + b * HW * C : nullptr;
-    const int64_t off_at = b * G * K * 2 * L + l, msk_at = b * G * K * L + l;  // (N, G, K, [2,] L)
-    const scalar_t* off = offset + off_at;
-    const scalar_t* msk = mask ? mask + msk_at : nullptr;
-    const scalar_t* gcol_row = grad_columns + r * K * C;
-    for (int64_t grp = 0; grp < G; ++grp) {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t plane = grp * K + k;
-        const Corners<scalar_t> c = locate(static_cast<scalar_t>(y0 + taps.dy[k]) + off[2 * plane * L],
-                                           static_cast<scalar_t>(x0 + taps.dx[k]) + off[(2 * plane + 1) * L],
-                                           g.height, g.width);
-        const scalar_t m = msk ? msk[plane * L] : scalar_t(1);
-        const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
-        if (columns) {  // the forward's columns for the weight gradient, while the corners are in cache
-          const scalar_t* p0 = c.index[0] >= 0 ? image + c.index[0] * C + grp * Cg : zero;
-          const scalar_t* p1 = c.index[1] >= 0 ? image + c.index[1] * C + grp * Cg : zero;
-          const scalar_t* p2 = c.index[2] >= 0 ? image + c.index[2] * C + grp * Cg : zero;
-          const scalar_t* p3 = c.index[3] >= 0 ? image + c.index[3] * C + grp * Cg : zero;
-          const scalar_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
-          scalar_t* __restrict__ dst = columns + r * K * C + k * C + grp * Cg;
-#pragma omp simd
-          for (int64_t ch = 0; ch < Cg; ++ch) {
-            dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
-          }
-        }
-        scalar_t dots[4] = {0, 0, 0, 0};
-        for (int q = 0; q < 4; ++q) {
-          if (c.index[q] < 0) continue;
-          const int64_t at = c.index[q] * C + grp * Cg;
-          if (grad_offset || grad_mask) {
-            const scalar_t* __restrict__ v = image + at;
-            scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t ch = 0; ch < Cg; ++ch) s += gc[ch] * v[ch];
-            dots[q] = s;
-          }
-          if (gimage) {
-            const scalar_t wq = c.weight[q] * m;
-            scalar_t* __restrict__ dst = gimage + at;
-#pragma omp simd
-            for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
-          }
-        }
-        if (grad_offset) {
-          const scalar_t hy = 1 - c.ly, hx = 1 - c.lx;
-          grad_offset[off_at + 2 * plane * L] = m * (hx * (dots[2] - dots[0]) + c.lx * (dots[3] - dots[1]));
-          grad_offset[off_at + (2 * plane + 1) * L] = m * (hy * (dots[1] - dots[0]) + c.ly * (dots[3] - dots[2]));
-        }
-        if (grad_mask) {
-          grad_mask[msk_at + plane * L] =
-              c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] + c.weight[3] * dots[3];
-        }
-      }
-    }
-  }
-}
-
-// scatter_rows_cg through a plan (see TapPlan): the same results, with the coordinates of a
-// block of rows computed in one vectorised pass.
-template <typename scalar_t, int64_t CG>
-void scatter_rows_planned_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                              const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
                              scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
@@ -404,11 +270,7 @@ template <typename scalar_t>
 void sample_rows(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                  const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
-    if (g.height * g.width < (int64_t(1) << 30)) {  // pixel indices in int32
-      sample_rows_planned_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
-    } else {
-      sample_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
-    }
+    sample_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, zero, row0, rows, columns);
   });
 }
 
@@ -417,13 +279,8 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
                   const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
                   scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
-    if (g.height * g.width < (int64_t(1) << 30)) {  // pixel indices in int32
-      scatter_rows_planned_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows,
-                                                             grad_input, grad_offset, grad_mask, zero, columns);
-    } else {
-      scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
-                                                     grad_offset, grad_mask, zero, columns);
-    }
+    scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows,
+                                                           grad_input, grad_offset, grad_mask, zero, columns);
   });
 }
 
@@ -448,6 +305,9 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const 
   g.dil_w = dil_w;
   g.out_h = offset.size(2);
   g.out_w = offset.size(3);
+  // The sampling plans hold pixel indices (y * W + x) in int32.
+  TORCH_CHECK(g.height * g.width < (int64_t(1) << 30), "deform_conv2d: the CPU kernel takes images of fewer than 2^30 ",
+              "pixels, got ", g.height, "x", g.width);
   return g;
 }
 
