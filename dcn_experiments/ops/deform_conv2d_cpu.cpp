@@ -187,6 +187,7 @@ void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* o
   const int64_t HW = g.height * g.width;
   const TapGrid taps(g);
   std::vector<TapPlan<scalar_t>> plans(G * K);
+  std::vector<scalar_t> scratch_grad(Cg), scratch_columns(Cg);  // written, never read
   for (int64_t r = 0; r < rows;) {
     const int64_t row = row0 + r, b = row / L, l0 = row % L;
     const int64_t n = std::min({kPlanRows, rows - r, L - l0});
@@ -203,49 +204,42 @@ void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* o
           const TapPlan<scalar_t>& p = plans[plane];
           const scalar_t m = p.mask[i];
           const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
-          if (columns) {  // the forward's columns for the weight gradient, while the corners are in cache
-            const scalar_t* pt[4];
-            for (int q = 0; q < 4; ++q) {
-              const int32_t at = p.index[q][i];
-              pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + grp * Cg : zero;
-            }
-            const scalar_t w0 = p.weight[0][i] * m, w1 = p.weight[1][i] * m, w2 = p.weight[2][i] * m,
-                           w3 = p.weight[3][i] * m;
-            const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
-            scalar_t* __restrict__ dst = columns + (r + i) * K * C + k * C + grp * Cg;
-#pragma omp simd
-            for (int64_t ch = 0; ch < Cg; ++ch) {
-              dst[ch] = w0 * p0[ch] + w1 * p1[ch] + w2 * p2[ch] + w3 * p3[ch];
-            }
-          }
-          scalar_t dots[4] = {0, 0, 0, 0};
+          // One pass over the channels does everything: the input gradient at the four corners,
+          // the columns, and the three sums behind the offset and mask gradients (the dot products
+          // of the column gradient with the sample's derivatives in y and x and with the sample).
+          // Corners outside the image read zeros and add their input gradient into a scratch row.
+          const scalar_t* pt[4];
+          scalar_t* gpt[4];
           for (int q = 0; q < 4; ++q) {
             const int32_t index = p.index[q][i];
-            if (index < 0) continue;
             const int64_t at = static_cast<int64_t>(index) * C + grp * Cg;
-            if (grad_offset || grad_mask) {
-              const scalar_t* __restrict__ v = image + at;
-              scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-              for (int64_t ch = 0; ch < Cg; ++ch) s += gc[ch] * v[ch];
-              dots[q] = s;
-            }
-            if (gimage) {
-              const scalar_t wq = p.weight[q][i] * m;
-              scalar_t* __restrict__ dst = gimage + at;
-#pragma omp simd
-              for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wq * gc[ch];
-            }
+            pt[q] = index >= 0 ? image + at : zero;
+            gpt[q] = index >= 0 && gimage ? gimage + at : scratch_grad.data();
+          }
+          const scalar_t b0 = p.weight[0][i], b1 = p.weight[1][i], b2 = p.weight[2][i], b3 = p.weight[3][i];
+          const scalar_t w0 = b0 * m, w1 = b1 * m, w2 = b2 * m, w3 = b3 * m;
+          const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
+          const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
+          scalar_t *g0 = gpt[0], *g1 = gpt[1], *g2 = gpt[2], *g3 = gpt[3];
+          scalar_t* __restrict__ col = columns ? columns + (r + i) * K * C + k * C + grp * Cg : scratch_columns.data();
+          scalar_t sum_y = 0, sum_x = 0, sum_mask = 0;
+#pragma omp simd reduction(+ : sum_y, sum_x, sum_mask)
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            const scalar_t v0 = p0[ch], v1 = p1[ch], v2 = p2[ch], v3 = p3[ch], gch = gc[ch];
+            col[ch] = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
+            g0[ch] += w0 * gch;
+            g1[ch] += w1 * gch;
+            g2[ch] += w2 * gch;
+            g3[ch] += w3 * gch;
+            sum_y += gch * (hx * (v2 - v0) + lx * (v3 - v1));
+            sum_x += gch * (hy * (v1 - v0) + ly * (v3 - v2));
+            sum_mask += gch * (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3);
           }
           if (grad_offset) {
-            const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
-            grad_offset[off_at + 2 * plane * L] = m * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1]));
-            grad_offset[off_at + (2 * plane + 1) * L] = m * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2]));
+            grad_offset[off_at + 2 * plane * L] = m * sum_y;
+            grad_offset[off_at + (2 * plane + 1) * L] = m * sum_x;
           }
-          if (grad_mask) {
-            grad_mask[msk_at + plane * L] =
-                p.weight[0][i] * dots[0] + p.weight[1][i] * dots[1] + p.weight[2][i] * dots[2] + p.weight[3][i] * dots[3];
-          }
+          if (grad_mask) grad_mask[msk_at + plane * L] = sum_mask;
         }
       }
     }
