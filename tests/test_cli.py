@@ -28,10 +28,8 @@ def _tags(run_dir: Path) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in tags.items()}
 
 
-def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_cli("experiment=smoke", "conv=deformable", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
+def test_smoke_classification_writes_the_spec_outputs(smoke_run) -> None:
+    run_dir, result = smoke_run  # experiment=smoke conv=deformable
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in (
         "task",
@@ -77,10 +75,8 @@ def test_smoke_classification_writes_the_spec_outputs(run_cli, tmp_path: Path) -
     assert "Traceback" not in result.stderr
 
 
-def test_smoke_segmentation_writes_miou(run_cli, tmp_path: Path) -> None:
-    run_dir = tmp_path / "seg"
-    result = run_cli("experiment=smoke_seg", "conv=deformable", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
+def test_smoke_segmentation_writes_miou(smoke_seg_run) -> None:
+    run_dir, _ = smoke_seg_run  # experiment=smoke_seg conv=deformable
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["task"] == "segmentation" and metrics["model"] == "unet"
     assert 0 <= metrics["val_miou"] <= 1 and "pixel_acc" in metrics
