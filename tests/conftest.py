@@ -25,6 +25,9 @@ FAST = (
     "dataset.batch_size=4",
     "trainer.progress=false",
 )
+# One training step and one validation batch per job: for sweeps whose checks are about the files and
+# records a sweep writes, not about how far the model trains.
+ONE_STEP = ("trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
 
 
 @pytest.fixture

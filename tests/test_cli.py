@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from .conftest import FAST, SHARED_DATA, assert_one_line_error
+from .conftest import FAST, ONE_STEP, SHARED_DATA, assert_one_line_error
 from .test_cifar_imagefolder import write_fake_cifar10
 
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "epoch_time_s", "train_throughput_img_s"}
@@ -99,7 +99,7 @@ def test_smoke_segmentation_writes_miou(smoke_seg_run) -> None:
 
 def test_multirun_writes_report_and_dcn_report_regenerates_it(run_cli, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "conv=regular,deformable", "experiment=smoke", f"hydra.sweep.dir={sweep}")
+    result = run_cli("-m", "conv=regular,deformable", "experiment=smoke", *ONE_STEP, f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
     report = (sweep / "report.md").read_text()
     assert "| resnet34 | regular |" in report and "| resnet34 | deformable |" in report
