@@ -13,6 +13,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+# The suite runs in two xdist workers on two cores. OpenMP's default wait policy spins while a thread
+# waits for work, which burns the core the other worker's process needs: the crash matrix took 46 s
+# alone, 125 s next to one busy process, and 70 s there with PASSIVE (52 s alone). Set before torch is
+# imported, so that this process and every CLI run the tests start (they copy os.environ) sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,6 +30,9 @@ FAST = (
     "dataset.batch_size=4",
     "trainer.progress=false",
 )
+# One training step and one validation batch per job: for sweeps whose checks are about the files and
+# records a sweep writes, not about how far the model trains.
+ONE_STEP = ("trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
 
 
 @pytest.fixture
@@ -46,6 +54,27 @@ def shared_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def cli(
+    *args: str,
+    cwd: Path,
+    data_root: Path,
+    module: str = "dcn_experiments.train",
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m MODULE ARGS`` in ``cwd`` with the rendered datasets under ``data_root``."""
+    env = {**os.environ, "DCN_DATA_ROOT": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture
 def run_cli(shared_data_root: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``python -m dcn_experiments.train ARGS`` (or another module) in ``tmp_path``."""
@@ -53,18 +82,33 @@ def run_cli(shared_data_root: Path, tmp_path: Path) -> Callable[..., subprocess.
     def _run(
         *args: str, module: str = "dcn_experiments.train", timeout: int = 600, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess:
-        env = {**os.environ, "DCN_DATA_ROOT": str(shared_data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", module, *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        return cli(*args, cwd=tmp_path, data_root=shared_data_root, module=module, timeout=timeout, env=env)
 
     return _run
+
+
+# Finished runs that several test files read: each is one CLI training run, made once per session
+# (per xdist worker). Tests must not write into them: copy the folder first, or resume into a new one.
+Finished = tuple[Path, subprocess.CompletedProcess]
+
+
+def _finish(factory: pytest.TempPathFactory, data_root: Path, *overrides: str) -> Finished:
+    run_dir = factory.mktemp("finished") / "run"
+    result = cli(*overrides, f"hydra.run.dir={run_dir}", cwd=run_dir.parent, data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, shared_data_root: Path) -> Finished:
+    """``dcn-train experiment=smoke conv=deformable``: its folder and the finished process."""
+    return _finish(tmp_path_factory, shared_data_root, "experiment=smoke", "conv=deformable")
+
+
+@pytest.fixture(scope="session")
+def smoke_seg_run(tmp_path_factory: pytest.TempPathFactory, shared_data_root: Path) -> Finished:
+    """``dcn-train experiment=smoke_seg conv=deformable`` (U-Net): its folder and the finished process."""
+    return _finish(tmp_path_factory, shared_data_root, "experiment=smoke_seg", "conv=deformable")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

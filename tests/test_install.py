@@ -9,7 +9,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from dcn_experiments.ops.deform_conv import cpu_signature
+
+from .conftest import ONE_STEP
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_FILES = sorted(
@@ -71,7 +75,7 @@ def test_the_wheel_ships_conf_and_runs_outside_the_repository(tmp_path: Path) ->
     )
     assert where.stdout.strip().startswith(str(site)), where.stdout  # the wheel's copy, not the checkout
     run = subprocess.run(
-        [sys.executable, "-m", "dcn_experiments.train", "experiment=smoke", "hydra.run.dir=run"],
+        [sys.executable, "-m", "dcn_experiments.train", "experiment=smoke", *ONE_STEP, "hydra.run.dir=run"],
         cwd=elsewhere,
         env=env,
         capture_output=True,
@@ -98,25 +102,33 @@ def test_the_kernel_cache_key_follows_the_cpu() -> None:
     assert cpu_signature(avx2) != cpu_signature(avx2.replace("Some CPU", "Other CPU"))
 
 
-def test_two_processes_building_the_kernel_at_once_both_get_it(tmp_path: Path) -> None:
-    env = {**os.environ, "DCN_EXTENSION_DIR": str(tmp_path / "kernel")}
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, str, str]]]:
+    """Two processes that start at once on an empty kernel cache: the cache folder and each one's
+    (exit code, stdout, stderr). One compile (~15 s) that both tests below start from."""
+    kernel = tmp_path_factory.mktemp("kernel") / "cache"
+    env = {**os.environ, "DCN_EXTENSION_DIR": str(kernel)}
     builds = [
         subprocess.Popen(
             [sys.executable, "-c", USE_KERNEL], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for _ in range(2)
     ]
-    for build in builds:
-        out, err = build.communicate(timeout=600)
-        assert build.returncode == 0 and "kernel ok" in out, err
+    outputs = [build.communicate(timeout=600) for build in builds]
+    return kernel, [(build.returncode, out, err) for build, (out, err) in zip(builds, outputs, strict=True)]
 
 
-def test_a_corrupt_binary_or_a_stale_build_lock_is_rebuilt(tmp_path: Path) -> None:
-    env = {**os.environ, "DCN_EXTENSION_DIR": str(tmp_path / "kernel")}
-    first = subprocess.run([sys.executable, "-c", USE_KERNEL], env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr
-    (binary,) = (tmp_path / "kernel").glob("*.so")
+def test_two_processes_building_the_kernel_at_once_both_get_it(two_builds) -> None:
+    for returncode, out, err in two_builds[1]:
+        assert returncode == 0 and "kernel ok" in out, err
+
+
+def test_a_corrupt_binary_or_a_stale_build_lock_is_rebuilt(two_builds) -> None:
+    kernel, builds = two_builds  # a cache holding a finished build, which this test damages
+    assert all(returncode == 0 for returncode, _, _ in builds), builds
+    env = {**os.environ, "DCN_EXTENSION_DIR": str(kernel)}
+    (binary,) = kernel.glob("*.so")
     binary.write_bytes(binary.read_bytes()[:1000])  # a truncated copy, as a full disk leaves it
-    (tmp_path / "kernel" / "lock").touch()  # and the lock file of a build that was killed
+    (kernel / "lock").touch()  # and the lock file of a build that was killed
     again = subprocess.run([sys.executable, "-c", USE_KERNEL], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "kernel ok" in again.stdout, again.stderr

@@ -173,9 +173,8 @@ def test_skip_nonfinite_counts_instead_of_stopping(compose_cfg, tmp_path: Path, 
     ("change", "fragment"),
     [("model.width=16", "model.width=8"), ("conv=regular", "conv.name='deformable'")],
 )
-def test_resuming_another_experiment_is_refused(run_cli, tmp_path: Path, change: str, fragment: str) -> None:
-    first = tmp_path / "first"
-    assert run_cli("experiment=smoke", "conv=deformable", f"hydra.run.dir={first}").returncode == 0
+def test_resuming_another_experiment_is_refused(run_cli, smoke_run, tmp_path: Path, change: str, fragment: str) -> None:
+    first, _ = smoke_run  # experiment=smoke conv=deformable, finished
     result = run_cli(
         "experiment=smoke", "conv=deformable", change, f"trainer.resume={first}", f"hydra.run.dir={tmp_path / 'b'}"
     )
@@ -183,14 +182,17 @@ def test_resuming_another_experiment_is_refused(run_cli, tmp_path: Path, change:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
-def test_a_truncated_or_foreign_checkpoint_is_refused(run_cli, tmp_path: Path, damage: str) -> None:
+def test_a_truncated_or_foreign_checkpoint_is_refused(
+    run_cli, request: pytest.FixtureRequest, tmp_path: Path, damage: str
+) -> None:
     checkpoint = tmp_path / "last.pt"
     if damage == "truncated":
-        run_dir = tmp_path / "first"
-        assert run_cli("experiment=smoke", f"hydra.run.dir={run_dir}").returncode == 0
-        data = (run_dir / "checkpoints" / "last.pt").read_bytes()
+        finished, _ = request.getfixturevalue("smoke_run")  # experiment=smoke conv=deformable
+        data = (finished / "checkpoints" / "last.pt").read_bytes()
         checkpoint.write_bytes(data[: len(data) // 2])
     else:
         torch.save({"state_dict": {"w": torch.zeros(1)}}, checkpoint)
-    result = run_cli("experiment=smoke", f"trainer.resume={checkpoint}", f"hydra.run.dir={tmp_path / 'b'}")
+    result = run_cli(
+        "experiment=smoke", "conv=deformable", f"trainer.resume={checkpoint}", f"hydra.run.dir={tmp_path / 'b'}"
+    )
     assert_one_line_error(result, "cannot resume from", "start afresh")

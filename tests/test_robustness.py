@@ -53,10 +53,10 @@ def classification_run(tmp_path_factory: pytest.TempPathFactory, shared_data_roo
     return _train(tmp_path_factory.mktemp("cls") / "run", shared_data_root, "experiment=smoke")
 
 
-@pytest.fixture(scope="module")
-def segmentation_run(tmp_path_factory: pytest.TempPathFactory, shared_data_root: Path) -> Path:
-    """A finished smoke run of the U-Net with deformable convolutions."""
-    return _train(tmp_path_factory.mktemp("seg") / "run", shared_data_root, "experiment=smoke_seg", "conv=deformable")
+@pytest.fixture
+def segmentation_run(smoke_seg_run) -> Path:
+    """A finished smoke run of the U-Net with deformable convolutions (shared with test_cli)."""
+    return smoke_seg_run[0]
 
 
 def _copy_run(run_dir: Path, destination: Path) -> Path:

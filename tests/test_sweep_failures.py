@@ -14,6 +14,8 @@ from pathlib import Path
 from dcn_experiments.engine import describe_exit, read_run_record
 from dcn_experiments.report.compare import collect_runs, failed_runs, render_markdown
 
+from .conftest import ONE_STEP
+
 CRASH_SEED = 4242
 # Loaded by every interpreter of the test's CLI run (the sweep and its job processes): a job
 # process that seeds with CRASH_SEED dies of SIGSEGV, as a native kernel crash would.
@@ -36,6 +38,7 @@ def test_a_job_killed_by_a_signal_costs_only_itself(run_cli, tmp_path: Path) -> 
     result = run_cli(
         "-m",
         "experiment=smoke",
+        *ONE_STEP,
         "conv=regular,deformable",
         f"seed=0,{CRASH_SEED}",
         f"hydra.sweep.dir={sweep}",
@@ -60,7 +63,7 @@ def test_a_job_killed_by_a_signal_costs_only_itself(run_cli, tmp_path: Path) -> 
 
 def test_a_job_with_a_bad_value_fails_alone_with_its_one_line_reason(run_cli, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "experiment=smoke", "trainer.lr=-1,0.001", f"hydra.sweep.dir={sweep}")
+    result = run_cli("-m", "experiment=smoke", *ONE_STEP, "trainer.lr=-1,0.001", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     failed = read_run_record(sweep / "0_resnet34_regular" / "metrics.json")
@@ -122,6 +125,7 @@ def test_smoke_sweep_of_two_seeds_and_both_arms_with_robustness_writes_every_fil
     result = run_cli(
         "-m",
         "experiment=smoke",
+        *ONE_STEP,
         "conv=regular,deformable",
         "seed=0,1",
         "report.robustness=true",
