@@ -3,9 +3,6 @@ tiny deformable models, dynamic batch, the one-line errors, and a dcn-train run 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from dcn_experiments.export import (
 )
 from dcn_experiments.models import CONVS, MODELS, DeformConv2d, deformable_layers
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, cli
 
 pytest.importorskip("onnxscript", reason="dcn-export needs the deploy extra (onnxscript)")
 ort = pytest.importorskip("onnxruntime")
@@ -129,19 +126,6 @@ def test_fixed_batch_file_rejects_another_batch(tmp_path: Path) -> None:
 # --- the command: one tiny dcn-train run, exported; the error lines ------------------------------
 
 
-def _run(args: list[str], cwd: Path, data_root: Path, module: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DCN_DATA_ROOT": str(data_root), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, shared_data_root: Path) -> Path:
     """A finished dcn-train run: deformable U-Net, one epoch of one batch, tiny images."""
@@ -155,15 +139,24 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shared_data_root: Path
         "trainer.limit_val_batches=1",
         f"hydra.run.dir={run_dir}",
     ]
-    result = _run(overrides, run_dir.parent, shared_data_root, "dcn_experiments.train")
+    result = cli(*overrides, cwd=run_dir.parent, data_root=shared_data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
 @pytest.mark.slow
 def test_dcn_export_exports_verifies_and_times_a_trained_run(trained_run: Path, shared_data_root: Path) -> None:
-    result = _run([str(trained_run), "--dynamic-batch", "--images", "4", "--threads", "1"], trained_run,
-                  shared_data_root, "dcn_experiments.export")  # fmt: skip
+    result = cli(
+        str(trained_run),
+        "--dynamic-batch",
+        "--images",
+        "4",
+        "--threads",
+        "1",
+        cwd=trained_run,
+        data_root=shared_data_root,
+        module="dcn_experiments.export",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"wrote {trained_run / 'model.onnx'} (unet deformable, opset 19, any batch size")
@@ -187,7 +180,9 @@ def _main_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 
 
 def test_opset_below_19_is_a_one_line_error(tmp_path: Path, shared_data_root: Path) -> None:
-    result = _run([str(tmp_path), "--opset", "18"], tmp_path, shared_data_root, "dcn_experiments.export")
+    result = cli(
+        str(tmp_path), "--opset", "18", cwd=tmp_path, data_root=shared_data_root, module="dcn_experiments.export"
+    )
     assert result.returncode == 2
     assert_one_line_error(result, "--opset 18", "DeformConv from opset 19")
 
