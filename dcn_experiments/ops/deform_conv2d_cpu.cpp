@@ -47,10 +47,10 @@ struct TapGrid {
 
 // The bilinear sampling plan of up to kPlanRows consecutive rows of one image for one kernel tap:
 // each corner's pixel index (y * W + x, -1 outside the image) and bilinear weight, the mask value
-// and the fractional parts (for the offset gradient). Computed
-// for all rows of a tap at once (vectorised over rows: the offsets and the mask are contiguous
-// along the rows), then used per row by the channel loops; keeps the scalar floor/compare work
-// out of the loop that waits on the corner loads.
+// and the fractional parts (for the offset gradient). Computed for all rows of a tap at once
+// (vectorised over rows: the offsets and the mask are contiguous along the rows), then used per
+// row by the channel loops; keeps the scalar floor/compare work out of the loop that waits on the
+// corner loads.
 constexpr int64_t kPlanRows = 64;
 
 template <typename scalar_t>
@@ -137,7 +137,7 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
 // then fixed-length, so short ones (U-Net widths, 8-64) vectorise without scalar remainders.
 template <typename scalar_t, int64_t CG>
 void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                            const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
+                    const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
   const TapGrid taps(g);
@@ -180,8 +180,8 @@ void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* of
 // coordinate is the one-sided derivative through floor().
 template <typename scalar_t, int64_t CG>
 void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-                             const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
-                             scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
+                     const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
+                     scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
   const int64_t HW = g.height * g.width;
@@ -273,8 +273,8 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
                   const scalar_t* grad_columns, int64_t row0, int64_t rows, scalar_t* grad_input,
                   scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   with_channel_count(g.channels_per_offset_group(), [&](auto cg) {
-    scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows,
-                                                           grad_input, grad_offset, grad_mask, zero, columns);
+    scatter_rows_cg<scalar_t, decltype(cg)::value>(g, input, offset, mask, grad_columns, row0, rows, grad_input,
+                                                   grad_offset, grad_mask, zero, columns);
   });
 }
 
@@ -393,12 +393,9 @@ bool use_onednn_forward(const Geometry& g, const at::Tensor& input) {
          at::globalContext().userEnabledMkldnn();
 }
 
-// Rows per chunk of the oneDNN forward: columns of at most about 64 MiB (as rows_per_piece), cut
-// into equal chunks.
+// Rows per chunk of the oneDNN forward: at most rows_per_piece, cut into equal chunks.
 int64_t onednn_chunk_rows(const Geometry& g, int64_t element_size) {
-  const int64_t total = g.batch * g.out_size();
-  const int64_t row_bytes = std::max<int64_t>(1, g.kernel_size() * g.channels * element_size);
-  const int64_t most = std::max<int64_t>(256, (int64_t(64) << 20) / row_bytes);
+  const int64_t total = g.batch * g.out_size(), most = rows_per_piece(g, element_size);
   const int64_t pieces = (total + most - 1) / most;
   return (total + pieces - 1) / pieces;
 }
@@ -460,9 +457,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const bool has_mask = mask_.has_value() && mask_->defined();
   const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
   const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor zero = at::zeros({C}, input.options());  // the value of corners outside the image
   if (use_onednn_forward(g, input)) {
-    const at::Tensor zero_row = at::zeros({C}, input.options());
-    forward_onednn(g, input, weight, bias, offset, mask, zero_row, nhwc_out, out);
+    forward_onednn(g, input, weight, bias, offset, mask, zero, nhwc_out, out);
     return as_nchw_view(out);
   }
   // Few rows (batch-1 inference of deep layers: 16-64 rows against 256-512 output channels):
@@ -472,7 +469,6 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const at::Tensor wmat = weight_in_place ? weight.detach().contiguous().view({1, O, C * K})
                                           : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
   const at::Tensor wmat_t = wmat.transpose(1, 2);  // GEMM operand, no copy
-  const at::Tensor zero = at::zeros({C}, input.options());
   // NHWC output: each block's GEMM writes its rows of the output directly. NCHW output with
   // large images: blocks stay inside one image and the GEMM writes the transposed product
   // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
