@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall", help="thread: CPU time, 1 thread only")
+    parser.add_argument("--family", choices=["resnet34", "unet"], help="time only this family's shapes")
     parser.add_argument("--out", type=Path, default=Path("bench_kernel_ab.json"))
     args = parser.parse_args()
     if args.clock == "thread" and args.threads != 1:
@@ -87,6 +88,8 @@ def main() -> int:
         build_baseline(args.baseline, Path(build_dir))
     rows = []
     for family, channels, size in SHAPES:
+        if args.family and family != args.family:
+            continue
         batch = args.batch if family == "resnet34" or args.batch == 1 else args.unet_batch
         gen = torch.Generator().manual_seed(0)
         t = {
