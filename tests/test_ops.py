@@ -24,15 +24,19 @@ CASES = {
     "far_outside": (2, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 12.0),
     "batch_0": (0, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
     "1x1": (2, 4, 4, 5, 5, 1, 1, 0, 1, 1, 1, True, 1.0),
-    # 8 and 16 channels per offset group (the kernel's fixed-length channel loops); 17x17 outputs
-    # are large enough for the kernel's per-image blocks that read and write NCHW planes in place.
+    # 8 and 16 channels per offset group (the kernel's fixed-length channel loops, whole vectors in
+    # the backward's sums) and 4-16 output channels in one weight group: the narrow-layer kernels
+    # (own small products in L1 instead of BLAS), as are "non_square_kernel", "far_outside" and "1x1".
     "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # more than 16 output channels: BLAS; 17x17 outputs are large enough for the per-image blocks
+    # that read and write NCHW planes in place
+    "wide_image": (2, 16, 24, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
     "few_rows": (2, 8, 32, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
     # 64 channels and at least 4 rows per output channel: the row-split forward's GEMM is a 1x1
     # oneDNN convolution of the columns (float32 only; float64 stays on BLAS)
-    "onednn_rows": (2, 64, 16, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "onednn_rows": (2, 64, 32, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -115,7 +119,9 @@ def test_noncontiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask", "few_rows"])
+@pytest.mark.parametrize(
+    "name", ["basic", "groups", "non_square_kernel", "asymmetric", "no_mask", "few_rows", "unet_like"]
+)
 def test_gradcheck_float64(name: str, path: str) -> None:
     n, c, o, h, w, k, s, p, d, g, og, use_mask, scale = CASES[name]
     # One image takes the row-split path on one thread (many threads on tiny inputs only add waits).
@@ -139,7 +145,9 @@ def _layout(t: torch.Tensor) -> str:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("implementation", [deform_conv2d, deform_conv2d_reference], ids=["ours", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image", "onednn_rows"])
+@pytest.mark.parametrize(
+    "name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image", "wide_image", "onednn_rows"]
+)
 def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str, path) -> None:
     """NCHW in -> NCHW out, channels-last in -> channels-last out (and the same for grad_input), with
     the values of the other layout: a channels-last result for an NCHW input sends the next layers
@@ -159,7 +167,7 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "few_rows", "onednn_rows"])
+@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "wide_image", "few_rows", "onednn_rows"])
 def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
     (split by image over 1 thread): output and the per-image gradients; the weight and bias
