@@ -578,6 +578,19 @@ void for_blocks_of_images(const Geometry& g, int64_t block, bool within_images, 
   for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
 }
 
+// Call `body(row0, rows)` for blocks of at most `block` rows covering rows [r_begin, r_end),
+// never crossing an image boundary: each image's part of the range is cut into equal blocks.
+template <typename Body>
+void for_blocks_of_rows(const Geometry& g, int64_t block, int64_t r_begin, int64_t r_end, const Body& body) {
+  const int64_t L = g.out_size();
+  for (int64_t start = r_begin; start < r_end;) {
+    const int64_t end = std::min(r_end, (start / L + 1) * L), n = end - start;
+    const int64_t pieces = (n + block - 1) / block, step = (n + pieces - 1) / pieces;
+    for (int64_t row0 = start; row0 < end; row0 += step) body(row0, std::min(step, end - row0));
+    start = end;
+  }
+}
+
 // Whether NCHW planes are large enough for per-image blocks: the GEMMs then read and write the
 // planes in place (a transposed operand) instead of going through a (rows, channels) copy.
 bool use_planes_directly(const Geometry& g, int64_t block) {
@@ -590,6 +603,9 @@ bool use_planes_directly(const Geometry& g, int64_t block) {
 bool split_by_rows(const Geometry& g) {
   return g.batch < 2 * static_cast<int64_t>(at::get_num_threads());
 }
+
+// Rows a thread needs for its own GEMM to run near BLAS speed (see row_ranges in the forward).
+constexpr int64_t kRowsPerThread = 256;
 
 // Rows per piece of a row-split batch: the columns of one piece stay below about 64 MiB.
 int64_t rows_per_piece(const Geometry& g, int64_t element_size) {
@@ -702,14 +718,19 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
     });
     return as_nchw_view(out);
   }
-  if (use_onednn_forward(g, input)) {
+  // Small batches with enough rows for every thread's own GEMM: split the rows between the threads,
+  // each sampling and multiplying its blocks (one parallel region instead of sample, GEMM, copy).
+  const int64_t block = block_rows(g, input.element_size());
+  const bool row_ranges = split_by_rows(g) && (nhwc_out || use_planes_directly(g, block)) &&
+                          g.batch * L >= kRowsPerThread * static_cast<int64_t>(at::get_num_threads());
+  if (!row_ranges && use_onednn_forward(g, input)) {
     forward_onednn(g, input, weight, bias, offset, mask, zero, nhwc_out, out);
     return as_nchw_view(out);
   }
   // Few rows (batch-1 inference of deep layers: 16-64 rows against 256-512 output channels):
   // reordering the columns (k, c) -> (c, k) moves less data than reordering the weight, which is
   // then used as it is, (O, C*K).
-  const bool weight_in_place = split_by_rows(g) && groups == 1 && g.batch * L < O;
+  const bool weight_in_place = split_by_rows(g) && !row_ranges && groups == 1 && g.batch * L < O;
   const at::Tensor wmat = weight_in_place ? weight.detach().contiguous().view({1, O, C * K})
                                           : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
   const at::Tensor wmat_t = wmat.transpose(1, 2);  // GEMM operand, no copy
@@ -717,8 +738,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   // large images: blocks stay inside one image and the GEMM writes the transposed product
   // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
   // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
-  const int64_t block = block_rows(g, input.element_size());
-  if (split_by_rows(g)) {
+  if (split_by_rows(g) && !row_ranges) {
     // Pieces inside one image: sample on all threads, then one threaded GEMM into the output.
     const int64_t piece = rows_per_piece(g, input.element_size());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_rows", [&] {
@@ -761,9 +781,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, groups, Og, L});
   const at::Tensor bias_column = has_bias ? bias->view({groups, Og, 1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
-    at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-     at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
-     for_blocks_of_images(g, block_fw, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
+    const auto run_block = [&](int64_t row0, int64_t rows) {
       auto cols = at::empty({rows, K * C}, input.options());
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
@@ -791,7 +809,17 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
       if (!nhwc_out) {  // rows (images x L, O) -> planes (images, O, L)
         out_planes.view({g.batch, O, L}).narrow(0, row0 / L, rows / L).copy_(dst.view({rows / L, L, O}).transpose(1, 2));
       }
-     });
+    };
+    if (row_ranges) {
+      at::parallel_for(0, g.batch * L, kRowsPerThread, [&](int64_t r_begin, int64_t r_end) {
+        at::NoGradGuard no_grad;
+        for_blocks_of_rows(g, block_fw, r_begin, r_end, run_block);
+      });
+      return;
+    }
+    at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+      for_blocks_of_images(g, block_fw, planes_direct, b_begin, b_end, run_block);
     });
   });
   return as_nchw_view(out);
