@@ -623,10 +623,11 @@ void sample_rows_parallel(const Geometry& g, const scalar_t* input, const scalar
   });
 }
 
-// Small batches (split by rows, see split_by_rows) run the forward's GEMM as a 1x1 oneDNN
-// convolution of the columns when the layer has at least 64 input channels and at least 4 rows
-// per output channel. MKL takes its AVX2 path on AMD CPUs and threads a tall, narrow GEMM poorly:
-// at batch 1, 64 channels at 32 px, oneDNN takes 0.8x the time. Elsewhere it does not pay: with
+// Small batches split by rows whose threads have too few rows for their own GEMMs (see
+// kRowsPerThread) run the forward's one threaded GEMM as a 1x1 oneDNN convolution of the columns
+// when the layer has at least 64 input channels and at least 4 rows per output channel. MKL takes
+// its AVX2 path on AMD CPUs and threads a tall, narrow GEMM poorly: on 64 channels at 32 px, batch
+// 1, oneDNN took 0.8x the time of the threaded MKL GEMM. Elsewhere it does not pay: with
 // few rows (deep layers at batch 1) its per-call weight reorder costs more than the GEMM, narrow
 // layers (8-32 channels) ran 1.05-1.25x slower, and larger batches, whose per-thread blocks stay
 // in L2 with BLAS, ran 1.0-1.2x slower. oneDNN has no float64, and the column layout (k, c)
