@@ -125,6 +125,20 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert "model: resnet34, unet" in result.stdout and "conv: deformable, regular" in result.stdout
 
 
+def test_cli_entry_points_import_no_heavy_libraries(tmp_path: Path) -> None:
+    """Every CLI start pays its imports: torchvision (which pulls torch._dynamo, ~1.4 s), scipy.stats
+    (~0.5 s), matplotlib, tensorboard and the ONNX stack are imported only where a code path needs them."""
+    heavy = ["torchvision", "scipy", "matplotlib", "tensorboard", "onnx", "onnxruntime", "onnxscript"]
+    code = (
+        "import sys\n"
+        "import dcn_experiments.train, dcn_experiments.report.cli, dcn_experiments.export, dcn_experiments.eval\n"
+        f"print(sorted(name for name in {heavy!r} if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"imported at CLI start: {result.stdout.strip()}"
+
+
 def test_cifar10_missing_offline(run_cli, tmp_path: Path) -> None:
     missing = tmp_path / "no-cifar"
     result = run_cli(*FAST, "dataset=cifar10", f"dataset.root={missing}", f"hydra.run.dir={tmp_path / 'r'}")

@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from pathlib import Path
-
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5
+from typing import TYPE_CHECKING
 
 from dcn_experiments.data.registry import DATASETS, DataSplits
 from dcn_experiments.data.transforms import CIFAR10_MEAN, CIFAR10_STD, classification_transforms
 from dcn_experiments.errors import DataError
 
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10
+
 log = logging.getLogger(__name__)
 
+# torchvision is imported only when CIFAR-10 is opened or verified: ``import torchvision`` pulls in
+# torch._dynamo (~1.4 s), which every CLI start would otherwise pay.
 
-class CIFAR10Batches(CIFAR10):
-    """``torchvision.datasets.CIFAR10`` that accepts any batches in the official python-pickle format.
 
-    torchvision verifies the md5 of the official files on open; here opening only requires that the
-    files exist, so subsets and re-packed batches load too, and :func:`verify_cifar10` checks the
-    official checksums when ``dataset.verify`` is true. Unreadable pickles still fail loudly on load.
-    """
+@functools.cache
+def _cifar10_batches_class() -> type[CIFAR10]:
+    from torchvision.datasets import CIFAR10
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return all((folder / name).is_file() for name in names)
+    class CIFAR10Batches(CIFAR10):
+        """``torchvision.datasets.CIFAR10`` that accepts any batches in the official python-pickle format.
 
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
-            self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        torchvision verifies the md5 of the official files on open; here opening only requires that the
+        files exist, so subsets and re-packed batches load too, and :func:`verify_cifar10` checks the
+        official checksums when ``dataset.verify`` is true. Unreadable pickles still fail loudly on load.
+        """
+
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            return all((folder / name).is_file() for name in names)
+
+        def _load_meta(self) -> None:
+            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
+                self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+
+    # importable (and picklable, e.g. for spawned loader workers) as dcn_experiments.data.cifar.CIFAR10Batches
+    CIFAR10Batches.__module__, CIFAR10Batches.__qualname__ = __name__, "CIFAR10Batches"
+    return CIFAR10Batches
+
+
+def __getattr__(name: str):
+    """``CIFAR10Batches`` is defined on first access (it subclasses torchvision's ``CIFAR10``)."""
+    if name == "CIFAR10Batches":
+        return _cifar10_batches_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def verify_cifar10(folder: Path) -> None:
     """Check each file of ``cifar-10-batches-py`` against torchvision's official md5; ``DataError`` names the first
     file that differs."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
     official = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
     for name, md5 in official:
         if calculate_md5(folder / name) != md5:
@@ -48,8 +71,10 @@ def verify_cifar10(folder: Path) -> None:
 
 
 def _open_cifar10(root: Path, train: bool, download: bool, transform) -> CIFAR10:
+    from torchvision.datasets import CIFAR10
+
     try:
-        return CIFAR10Batches(str(root), train=train, download=download, transform=transform)
+        return _cifar10_batches_class()(str(root), train=train, download=download, transform=transform)
     except RuntimeError as error:
         if "not found or corrupted" in str(error):
             hint = (
@@ -80,6 +105,8 @@ def cifar10(
     verify: bool = True,
 ) -> DataSplits:
     """CIFAR-10 train (50k) / test (10k) as train / val; ``verify`` checks the official md5 of every file."""
+    from torchvision.datasets import CIFAR10
+
     del task, seed
     root_path = Path(root).expanduser()
     train = _open_cifar10(

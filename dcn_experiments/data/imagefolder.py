@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dcn_experiments.data.registry import DATASETS, DataSplits
 from dcn_experiments.data.transforms import (
@@ -16,6 +15,9 @@ from dcn_experiments.data.transforms import (
     classification_transforms,
 )
 from dcn_experiments.errors import DataError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -28,6 +30,10 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def _open_folder(folder: Path, transform) -> ImageFolder:
+    # deferred: any torchvision import pulls torch._dynamo (~1.4 s) into every CLI start
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     if not folder.is_dir():
         raise DataError(
             f"image folder not found: {folder}; dataset.root must hold train/ and the validation folder "

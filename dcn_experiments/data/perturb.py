@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -56,6 +54,10 @@ def _affine_parameters(axis: str, strength: float, height: int, width: int) -> d
 def _warp_images(images: Tensor, params: dict[str, object], fill: float | Sequence[float]) -> Tensor:
     """Bilinear warp of ``images`` padded with ``fill``: the warp of the images padded with zeros plus
     ``fill`` times the share of each output pixel that comes from outside (a warped coverage channel)."""
+    # deferred (here and below): any torchvision import pulls torch._dynamo (~1.4 s) into every CLI start
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as TF
+
     stacked = torch.cat([images, torch.ones_like(images[:, :1])], dim=1)
     warped = TF.affine(
         stacked, shear=[0.0, 0.0], interpolation=T.InterpolationMode.BILINEAR, fill=None, **params
@@ -90,6 +92,9 @@ def perturb(
     warped = _warp_images(images, params, fill)
     if masks is None:
         return warped, None
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as TF
+
     warped_masks = TF.affine(
         masks.unsqueeze(1),
         shear=[0.0, 0.0],
@@ -115,6 +120,8 @@ def black_level(dataset: Dataset, channels: int = 3) -> list[float]:
     steps = getattr(transform, "transforms", None)
     if transform is not None and steps is None:
         log.warning("cannot tell the normalisation of %s; pixels from outside the frame are filled with 0", transform)
+    import torchvision.transforms.v2 as T
+
     for step in steps or []:
         if isinstance(step, T.Normalize):
             return [-m / s for m, s in zip(step.mean, step.std, strict=True)]

@@ -7,8 +7,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 
@@ -35,6 +33,9 @@ def classification_transforms(
     image_size: int | None = None,
 ) -> Callable[[Image.Image | np.ndarray], Tensor]:
     """PIL/uint8 image -> float tensor: optional resize, (train only) pad-crop + flip, optional normalise."""
+    # deferred (here and below): any torchvision import pulls torch._dynamo (~1.4 s) into every CLI start
+    import torchvision.transforms.v2 as T
+
     steps: list[Callable] = [T.ToImage()]
     if image_size is not None:
         steps.append(T.Resize((image_size, image_size), antialias=True))
@@ -51,6 +52,8 @@ class _PadCrop:
     """Random crop back to the input size after padding by 1/8 of it (CIFAR's 4 px at 32 px)."""
 
     def __call__(self, image: Tensor) -> Tensor:
+        import torchvision.transforms.v2 as T
+
         size = tuple(image.shape[-2:])
         return T.RandomCrop(size, padding=max(1, size[0] // 8))(image)
 
@@ -79,6 +82,9 @@ class SegmentationTransform:
         self.scale_range, self.hflip, self.ignore_index = scale_range, hflip, ignore_index
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[Tensor, Tensor]:
+        import torchvision.transforms.v2 as T
+        import torchvision.transforms.v2.functional as TF
+
         img = TF.to_image(image)
         target = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0)
         if self.train:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 
 class TensorBoardLogger:
@@ -14,6 +12,8 @@ class TensorBoardLogger:
 
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         # purge_step: a resumed run hides the events a stopped one wrote at steps >= purge_step
+        from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard + protobuf, ~50 ms per CLI start
+
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -34,6 +34,8 @@ class TensorBoardLogger:
 
         The metrics are also written as scalars under the same tags so the HParams tab finds them.
         """
+        from torch.utils.tensorboard.summary import hparams
+
         clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in params.items()}
         experiment, session_start, session_end = hparams(clean, final_metrics)
         for summary in (experiment, session_start, session_end):

@@ -12,8 +12,6 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from scipy.stats import t as student_t
-
 CONFIDENCE = 0.95
 ONE_SEED_VERDICT = "one seed: no verdict, sweep seed=0,1,2"
 
@@ -39,6 +37,9 @@ def summarize(values: Sequence[Any]) -> dict[str, Any]:
 
 def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
     """The two-sided Student t quantile for ``confidence`` with ``df`` degrees of freedom."""
+    # deferred: scipy.stats takes ~0.5 s to import, and every dcn-train start imports this module
+    from scipy.stats import t as student_t
+
     return float(student_t.ppf(0.5 + confidence / 2, df))
 
 
