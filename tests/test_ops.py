@@ -167,7 +167,9 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "wide_image", "few_rows", "onednn_rows"])
+@pytest.mark.parametrize(
+    "name", ["basic", "groups", "unet_like", "large_image", "wide_image", "few_rows", "onednn_rows"]
+)
 def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
     (split by image over 1 thread): output and the per-image gradients; the weight and bias
