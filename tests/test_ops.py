@@ -25,18 +25,20 @@ CASES = {
     "batch_0": (0, 4, 4, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
     "1x1": (2, 4, 4, 5, 5, 1, 1, 0, 1, 1, 1, True, 1.0),
     # 8 and 16 channels per offset group (the kernel's fixed-length channel loops, whole vectors in
-    # the backward's sums) and 4-16 output channels in one weight group: the narrow-layer kernels
-    # (own small products in L1 instead of BLAS), as are "non_square_kernel", "far_outside" and "1x1".
+    # the backward's sums) and 4, 8, 16 or 32 output channels in one weight group: the narrow-layer
+    # forward (own small products in L1 instead of BLAS), as are "non_square_kernel", "far_outside"
+    # and "1x1".
     "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
-    # more than 16 output channels: BLAS; 17x17 outputs are large enough for the per-image blocks
+    "narrow_32": (2, 8, 32, 10, 10, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # other output-channel counts: BLAS; 17x17 outputs are large enough for the per-image blocks
     # that read and write NCHW planes in place
     "wide_image": (2, 16, 24, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
-    "few_rows": (2, 8, 32, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "few_rows": (2, 8, 48, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
     # 64 channels and at least 4 rows per output channel: the row-split forward's GEMM is a 1x1
     # oneDNN convolution of the columns (float32 only; float64 stays on BLAS)
-    "onednn_rows": (2, 64, 32, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "onednn_rows": (2, 64, 40, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -219,6 +221,28 @@ def test_huge_offsets_sample_zeros_and_nan_offsets_propagate(path: str) -> None:
     assert torch.isfinite(x.grad).all() and torch.isfinite(offset.grad).all()
     assert torch.isnan(nan_out[3, :, 5, 5]).all()
     assert torch.isnan(nan_out).sum() == 4  # that position only
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "onednn_rows"])
+def test_forward_under_inference_mode(name: str, layout: str, path: str) -> None:
+    """Every forward path (narrow, BLAS per block or per image, row split with the weight in place or
+    through oneDNN) runs under ``torch.inference_mode``, whose output is an inference tensor written by
+    the kernel's worker threads, and gives the result of a ``no_grad`` call."""
+    _, *rest = CASES[name]
+    # batch 4: two images per thread on the image path, so that the worker threads write the output
+    batch = 4 if path == "by_image" else CASES[name][0]
+    x, offset, weight, bias, s, p, d, mask = _inputs((batch, *rest), torch.float32, seed=6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with kernel_path(path, x.shape[0]):
+        with torch.no_grad():
+            expected = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+        with torch.inference_mode():
+            out = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
+    assert out.is_inference() and _layout(out) == layout
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_onednn_forward_matches_the_blas_forward() -> None:

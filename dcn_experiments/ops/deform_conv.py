@@ -560,13 +560,7 @@ def _deform_conv2d_cpu(input, offset, weight, bias, mask, stride, padding, dilat
     dtype = _compute_dtype(tensors, half_ok=False)
     _count_call(CPP_CPU, dtype)
     cast = _cast((input, offset, weight, bias, mask), dtype)
-    if torch.is_inference_mode_enabled():
-        # InferenceMode is thread-local and the kernel's worker threads write into its output: made
-        # under inference_mode, that output would be an inference tensor they may not update in place.
-        with torch.inference_mode(False), torch.no_grad():
-            out = _cpu_forward(*cast, geometry, offset_groups)
-    else:
-        out = _cpu_forward(*cast, geometry, offset_groups)
+    out = _cpu_forward(*cast, geometry, offset_groups)
     # Half-precision inputs (autocast) get their own dtype back, as torchvision's autocast rule does.
     if out.dtype != input.dtype:
         out = out.to(input.dtype)

@@ -3,7 +3,7 @@
 // Layout: the input is read channels-last (N, H, W, C) so that every bilinear corner is one
 // contiguous vector of channels. Sampled columns are laid out (rows = N*Ho*Wo, cols = K*C) and the
 // convolution becomes one GEMM per chunk of images against the weight reshaped to (O, K*C); the
-// forward of layers with at most 16 output channels multiplies small tiles of columns in L1 instead.
+// forward of layers with 4-32 output channels multiplies small tiles of columns in L1 instead.
 // The backward recomputes the columns (as torchvision does) instead of keeping them alive.
 //
 // Bilinear sampling follows torchvision exactly: corners outside the image read as zero, and the
@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -394,14 +395,14 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
   });
 }
 
-// The forward of narrow layers (4, 8 or 16 output channels, one weight group: the U-Net's
-// full-resolution levels) skips the columns block and the BLAS GEMM. MKL's GEMM with 4-16 output
-// channels runs at a fraction of the core's peak (3-5x the time of its arithmetic, measured), and a
-// 1 MiB columns block evicts the image the sampling reads. Here, kTileRows rows at a time are
-// sampled into a small buffer and multiplied by the weight while they are in L1 (U-Net shapes:
-// 0.67-0.76x the forward's time at 8-16 channels). The same fusion in the backward (column
-// gradients and weight gradient by own products) measured no faster than BLAS there, so the
-// backward keeps its blocks.
+// The forward of narrow layers (4, 8, 16 or 32 output channels, one weight group: the U-Net's
+// upper levels) skips the columns block and the BLAS GEMM. MKL's GEMM with 4-16 output channels
+// runs at a fraction of the core's peak (3-5x the time of its arithmetic, measured), and a 1 MiB
+// columns block evicts the image the sampling reads. Here, kTileRows rows at a time are sampled
+// into a small buffer and multiplied by the weight while they are in L1 (U-Net shapes: 0.67-0.84x
+// the forward's time at 8-16 channels, on par with BLAS at 32; one parallel region per call, which
+// is what batch 1 gains). The same fusion in the backward (column gradients and weight gradient by
+// own products) measured no faster than BLAS there, so the backward keeps its blocks.
 constexpr int64_t kTileRows = 16;
 
 // The vectors that hold O values of scalar_t: `count` GCC vectors of at most 32 bytes each.
@@ -413,6 +414,18 @@ struct NarrowVectors {
   static constexpr int64_t rows = count >= 4 ? 2 : 8 / count;
   typedef scalar_t type __attribute__((vector_size(bytes)));
 };
+
+// N vectors from `from` into registers. GCC 12 keeps one memcpy of up to two vectors in registers
+// (vector by vector it folds the loads into every FMA and the loop becomes load-bound), but sends a
+// memcpy of four through the stack.
+template <int64_t N, typename scalar_t, typename V>
+inline void load_row(const scalar_t* from, V (&to)[N]) {
+  if constexpr (N <= 2) {
+    std::memcpy(to, from, sizeof(to));
+  } else {
+    for (int64_t v = 0; v < N; ++v) to[v] = load_vector<V>(from + v * int64_t(sizeof(V) / sizeof(scalar_t)));
+  }
+}
 
 // c (rows, O) = a (rows, depth) x b (depth, O) (+ bias (O) when not null); O at compile time, so
 // that the accumulators of several rows stay in registers while b streams from L1. Written with
@@ -437,7 +450,7 @@ void multiply_narrow(const scalar_t* a, int64_t rows, int64_t depth, const scala
     const scalar_t* ar = a + r * depth;
     for (int64_t d = 0; d < depth; ++d) {
       V bd[N];
-      std::memcpy(bd, b + d * O, sizeof(bd));
+      load_row<N>(b + d * O, bd);
       for (int64_t j = 0; j < R; ++j) {
         const scalar_t x = ar[j * depth + d];
         for (int64_t v = 0; v < N; ++v) acc[j][v] += x * bd[v];
@@ -449,9 +462,9 @@ void multiply_narrow(const scalar_t* a, int64_t rows, int64_t depth, const scala
     V acc[N];
     for (int64_t v = 0; v < N; ++v) acc[v] = init[v];
     for (int64_t d = 0; d < depth; ++d) {
-      V bd[N];
-      std::memcpy(bd, b + d * O, sizeof(bd));
       const scalar_t x = a[r * depth + d];
+      V bd[N];
+      load_row<N>(b + d * O, bd);
       for (int64_t v = 0; v < N; ++v) acc[v] += x * bd[v];
     }
     std::memcpy(c + r * O, acc, sizeof(acc));
@@ -489,7 +502,7 @@ void forward_narrow_rows(const Geometry& g, const scalar_t* input, const scalar_
 
 // Whether the forward takes the narrow-layer kernel (see kTileRows).
 bool use_narrow_kernels(const Geometry& g) {
-  return g.weight_groups == 1 && (g.out_channels == 4 || g.out_channels == 8 || g.out_channels == 16);
+  return g.weight_groups == 1 && (g.out_channels == 4 || g.out_channels == 8 || g.out_channels == 16 || g.out_channels == 32);
 }
 
 // Calls body(cg, o) with both as std::integral_constant: cg as with_channel_count, o = the output
@@ -501,6 +514,7 @@ void with_narrow_layer(const Geometry& g, const Body& body) {
       case 4: return body(cg, std::integral_constant<int64_t, 4>());
       case 8: return body(cg, std::integral_constant<int64_t, 8>());
       case 16: return body(cg, std::integral_constant<int64_t, 16>());
+      case 32: return body(cg, std::integral_constant<int64_t, 32>());
       default: TORCH_CHECK(false, "deform_conv2d: no narrow kernel for ", g.out_channels, " output channels");
     }
   });
@@ -604,6 +618,15 @@ bool split_by_rows(const Geometry& g) {
   return g.batch < 2 * static_cast<int64_t>(at::get_num_threads());
 }
 
+// The caller's thread-local modes for a worker thread, which does not inherit them: grad mode off,
+// and InferenceMode as the caller has it (a forward under inference_mode makes its output an
+// inference tensor, which the workers' GEMMs write into).
+struct WorkerModes {
+  explicit WorkerModes(bool inference) : inference_mode(inference) {}
+  c10::InferenceMode inference_mode;
+  at::NoGradGuard no_grad;
+};
+
 // Rows a thread needs for its own GEMM to run near BLAS speed (see row_ranges in the forward).
 constexpr int64_t kRowsPerThread = 256;
 
@@ -690,6 +713,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
                                    dil_w, offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
   const int64_t groups = g.weight_groups, Og = O / groups;
+  const bool inference = c10::InferenceMode::is_enabled();
   // The output takes the input's memory format, like F.conv2d: a channels-last result for an
   // NCHW input would send the rest of the network down other (and, in oneDNN, buggy) kernels.
   const bool nhwc_out = input_.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
@@ -813,13 +837,13 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
     };
     if (row_ranges) {
       at::parallel_for(0, g.batch * L, kRowsPerThread, [&](int64_t r_begin, int64_t r_end) {
-        at::NoGradGuard no_grad;
+        const WorkerModes modes(inference);
         for_blocks_of_rows(g, block_fw, r_begin, r_end, run_block);
       });
       return;
     }
     at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+      const WorkerModes modes(inference);
       for_blocks_of_images(g, block_fw, planes_direct, b_begin, b_end, run_block);
     });
   });
