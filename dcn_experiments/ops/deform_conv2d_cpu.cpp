@@ -399,10 +399,10 @@ void scatter_rows(const Geometry& g, const scalar_t* input, const scalar_t* offs
 // upper levels) skips the columns block and the BLAS GEMM. MKL's GEMM with 4-16 output channels
 // runs at a fraction of the core's peak (3-5x the time of its arithmetic, measured), and a 1 MiB
 // columns block evicts the image the sampling reads. Here, kTileRows rows at a time are sampled
-// into a small buffer and multiplied by the weight while they are in L1 (U-Net shapes: 0.67-0.84x
-// the forward's time at 8-16 channels, on par with BLAS at 32; one parallel region per call, which
-// is what batch 1 gains). The same fusion in the backward (column gradients and weight gradient by
-// own products) measured no faster than BLAS there, so the backward keeps its blocks.
+// into a small buffer and multiplied by the weight while they are in L1 (U-Net shapes: 0.67-0.90x
+// the forward's time at 8-16 channels in two runs, on par with BLAS at 32; one parallel region per
+// call, which is what batch 1 gains). The same fusion in the backward (column gradients and weight
+// gradient by own products) measured no faster than BLAS there, so the backward keeps its blocks.
 constexpr int64_t kTileRows = 16;
 
 // The vectors that hold O values of scalar_t: `count` GCC vectors of at most 32 bytes each.
