@@ -574,24 +574,6 @@ at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contigu
   return t.permute({0, 2, 3, 1}).contiguous();
 }
 
-// Call `body(row0, rows)` for blocks of about `block` rows covering images [b_begin, b_end).
-// Blocks span image boundaries unless `within_images`, in which case each image is cut into
-// equal blocks of at most `block` rows.
-template <typename Body>
-void for_blocks_of_images(const Geometry& g, int64_t block, bool within_images, int64_t b_begin,
-                          int64_t b_end, const Body& body) {
-  const int64_t L = g.out_size();
-  if (within_images) {
-    const int64_t pieces = (L + block - 1) / block, step = (L + pieces - 1) / pieces;
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      for (int64_t l = 0; l < L; l += step) body(b * L + l, std::min(step, L - l));
-    }
-    return;
-  }
-  const int64_t end = b_end * L;
-  for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
-}
-
 // Call `body(row0, rows)` for blocks of at most `block` rows covering rows [r_begin, r_end),
 // never crossing an image boundary: each image's part of the range is cut into equal blocks.
 template <typename Body>
@@ -603,6 +585,18 @@ void for_blocks_of_rows(const Geometry& g, int64_t block, int64_t r_begin, int64
     for (int64_t row0 = start; row0 < end; row0 += step) body(row0, std::min(step, end - row0));
     start = end;
   }
+}
+
+// Call `body(row0, rows)` for blocks of about `block` rows covering images [b_begin, b_end).
+// Blocks span image boundaries unless `within_images`, in which case each image is cut into
+// equal blocks of at most `block` rows.
+template <typename Body>
+void for_blocks_of_images(const Geometry& g, int64_t block, bool within_images, int64_t b_begin,
+                          int64_t b_end, const Body& body) {
+  const int64_t L = g.out_size();
+  if (within_images) return for_blocks_of_rows(g, block, b_begin * L, b_end * L, body);
+  const int64_t end = b_end * L;
+  for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
 }
 
 // Whether NCHW planes are large enough for per-image blocks: the GEMMs then read and write the
@@ -646,9 +640,9 @@ void sample_rows_parallel(const Geometry& g, const scalar_t* input, const scalar
   });
 }
 
-// Small batches split by rows whose threads have too few rows for their own GEMMs (see
-// kRowsPerThread) run the forward's one threaded GEMM as a 1x1 oneDNN convolution of the columns
-// when the layer has at least 64 input channels and at least 4 rows per output channel. MKL takes
+// Whether the one threaded GEMM of a small batch (split by rows, with too few rows per thread for
+// their own GEMMs: see threaded_gemm in the forward) runs as a 1x1 oneDNN convolution of the
+// columns: when the layer has at least 64 input channels and at least 4 rows per output channel. MKL takes
 // its AVX2 path on AMD CPUs and threads a tall, narrow GEMM poorly: on 64 channels at 32 px, batch
 // 1, oneDNN took 0.8x the time of the threaded MKL GEMM. Elsewhere it does not pay: with
 // few rows (deep layers at batch 1) its per-call weight reorder costs more than the GEMM, narrow
@@ -656,7 +650,7 @@ void sample_rows_parallel(const Geometry& g, const scalar_t* input, const scalar
 // in L2 with BLAS, ran 1.0-1.2x slower. oneDNN has no float64, and the column layout (k, c)
 // matches a 1x1 convolution's channels for one weight group only.
 bool use_onednn_forward(const Geometry& g, const at::Tensor& input) {
-  return split_by_rows(g) && g.channels >= 64 && g.batch * g.out_size() >= 4 * g.out_channels &&
+  return g.channels >= 64 && g.batch * g.out_size() >= 4 * g.out_channels &&
          g.weight_groups == 1 && input.scalar_type() == at::kFloat && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn();
 }
@@ -748,14 +742,16 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const int64_t block = block_rows(g, input.element_size());
   const bool row_ranges = split_by_rows(g) && (nhwc_out || use_planes_directly(g, block)) &&
                           g.batch * L >= kRowsPerThread * static_cast<int64_t>(at::get_num_threads());
-  if (!row_ranges && use_onednn_forward(g, input)) {
+  // Otherwise small batches sample on all threads, then run one threaded GEMM per piece.
+  const bool threaded_gemm = split_by_rows(g) && !row_ranges;
+  if (threaded_gemm && use_onednn_forward(g, input)) {
     forward_onednn(g, input, weight, bias, offset, mask, zero, nhwc_out, out);
     return as_nchw_view(out);
   }
   // Few rows (batch-1 inference of deep layers: 16-64 rows against 256-512 output channels):
   // reordering the columns (k, c) -> (c, k) moves less data than reordering the weight, which is
   // then used as it is, (O, C*K).
-  const bool weight_in_place = split_by_rows(g) && !row_ranges && groups == 1 && g.batch * L < O;
+  const bool weight_in_place = threaded_gemm && groups == 1 && g.batch * L < O;
   const at::Tensor wmat = weight_in_place ? weight.detach().contiguous().view({1, O, C * K})
                                           : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
   const at::Tensor wmat_t = wmat.transpose(1, 2);  // GEMM operand, no copy
@@ -763,7 +759,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   // large images: blocks stay inside one image and the GEMM writes the transposed product
   // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
   // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
-  if (split_by_rows(g) && !row_ranges) {
+  if (threaded_gemm) {
     // Pieces inside one image: sample on all threads, then one threaded GEMM into the output.
     const int64_t piece = rows_per_piece(g, input.element_size());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_rows", [&] {
