@@ -71,19 +71,18 @@ def verify_cifar10(folder: Path) -> None:
 
 
 def _open_cifar10(root: Path, train: bool, download: bool, transform) -> CIFAR10:
-    from torchvision.datasets import CIFAR10
-
+    batches = _cifar10_batches_class()
     try:
-        return _cifar10_batches_class()(str(root), train=train, download=download, transform=transform)
+        return batches(str(root), train=train, download=download, transform=transform)
     except RuntimeError as error:
         if "not found or corrupted" in str(error):
             hint = (
                 f"; dataset.root points at cifar-10-batches-py itself, use its parent {root.parent}"
-                if root.name == CIFAR10.base_folder
+                if root.name == batches.base_folder
                 else "; set dataset.root to the folder that holds cifar-10-batches-py, or add dataset.download=true "
                 "to fetch it"
             )
-            raise DataError(f"CIFAR-10 not found at {root / CIFAR10.base_folder}{hint}") from None
+            raise DataError(f"CIFAR-10 not found at {root / batches.base_folder}{hint}") from None
         raise
     except OSError as error:  # network failure while downloading, unreadable files
         action = "download CIFAR-10 into" if download else "read CIFAR-10 from"
@@ -91,7 +90,7 @@ def _open_cifar10(root: Path, train: bool, download: bool, transform) -> CIFAR10
             f"could not {action} {root} ({error}); copy cifar-10-batches-py there by hand if this machine is offline"
         ) from None
     except Exception as error:
-        raise DataError(f"CIFAR-10 files under {root / CIFAR10.base_folder} are unreadable ({error})") from None
+        raise DataError(f"CIFAR-10 files under {root / batches.base_folder} are unreadable ({error})") from None
 
 
 @DATASETS.register("cifar10", tasks=("classification",))
@@ -105,15 +104,13 @@ def cifar10(
     verify: bool = True,
 ) -> DataSplits:
     """CIFAR-10 train (50k) / test (10k) as train / val; ``verify`` checks the official md5 of every file."""
-    from torchvision.datasets import CIFAR10
-
     del task, seed
     root_path = Path(root).expanduser()
     train = _open_cifar10(
         root_path, True, download, classification_transforms(True, augment, normalize, CIFAR10_MEAN, CIFAR10_STD)
     )
     caveats = []
-    folder = root_path / CIFAR10.base_folder
+    folder = root_path / train.base_folder
     if verify:
         verify_cifar10(folder)
     else:
