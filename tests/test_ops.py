@@ -31,9 +31,12 @@ CASES = {
     "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     "narrow_32": (2, 8, 32, 10, 10, 3, 1, 1, 1, 1, 1, True, 1.0),
-    # other output-channel counts: BLAS; 17x17 outputs are large enough for the per-image blocks
-    # that read and write NCHW planes in place
+    # other output-channel counts: the GEMM path; 17x17 outputs are large enough for the per-image
+    # blocks that read and write NCHW planes directly
     "wide_image": (2, 16, 24, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # more than 512 columns (64 channels x 9 taps) and 64 output channels: the GEMMs are cut into
+    # panels of depth and width, with partial panels at both ends
+    "panels": (2, 64, 80, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
     # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
     "few_rows": (2, 8, 48, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
     # 64 channels and at least 4 rows per output channel: the row-split forward's GEMM is a 1x1
@@ -257,6 +260,27 @@ def test_onednn_forward_matches_the_blas_forward() -> None:
         finally:
             torch.backends.mkldnn.enabled = True
     torch.testing.assert_close(through_onednn, through_blas, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "panels"])
+def test_onednn_ukernel_matches_blas(name: str, path: str) -> None:
+    """The kernel's float GEMMs go through oneDNN's brgemm ukernel; with oneDNN turned off ATen runs
+    them through BLAS instead. Both give the same output and gradients (within float rounding), so
+    the ukernel is handed the right operands, strides and accumulation flags."""
+    args = _inputs(CASES[name], torch.float32, seed=7)
+    with kernel_path(path, args[0].shape[0]):
+        through_onednn = _values_and_grads(deform_conv2d, *args)
+        torch.backends.mkldnn.enabled = False
+        try:
+            through_blas = _values_and_grads(deform_conv2d, *args)
+        finally:
+            torch.backends.mkldnn.enabled = True
+    torch.testing.assert_close(through_onednn[0], through_blas[0], rtol=1e-5, atol=1e-5)
+    for label, a, b in zip(
+        ("input", "offset", "weight", "bias", "mask"), through_onednn[1], through_blas[1], strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=label)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -560,18 +561,137 @@ at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
   return weight.reshape({groups, O / groups, Cg, K}).transpose(2, 3).reshape({groups, O / groups, K * Cg});
 }
 
+// Weight (O, C, kh, kw) of one weight group as (K*C, O): the B operand of multiply_rows in the
+// forward. Tiles of 16 outputs x 16 (c, k) read and write whole cache lines; a strided copy
+// through ATen took 4x as long, which showed on wide layers with few rows.
+template <typename scalar_t>
+at::Tensor weight_by_output(const at::Tensor& weight) {
+  const int64_t O = weight.size(0), C = weight.size(1), K = weight.size(2) * weight.size(3), depth = C * K;
+  constexpr int64_t kTile = 16;
+  const at::Tensor w = weight.contiguous();
+  auto result = at::empty({K * C, O}, weight.options());
+  const scalar_t* from = w.data_ptr<scalar_t>();
+  scalar_t* to = result.data_ptr<scalar_t>();
+  at::parallel_for(0, (O + kTile - 1) / kTile, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t o0 = t_begin * kTile; o0 < std::min(O, t_end * kTile); o0 += kTile) {
+      const int64_t o_end = std::min(O, o0 + kTile);
+      for (int64_t j0 = 0; j0 < depth; j0 += kTile) {  // j = c * K + k, the weight's own order
+        const int64_t j_end = std::min(depth, j0 + kTile);
+        for (int64_t j = j0; j < j_end; ++j) {
+          scalar_t* row = to + ((j % K) * C + j / K) * O;
+          for (int64_t o = o0; o < o_end; ++o) row[o] = from[o * depth + j];
+        }
+      }
+    }
+  });
+  return result;
+}
+
 // Columns block (rows, K*C) as g contiguous matrices (g, rows, K*C/g); a view when g == 1.
 at::Tensor group_columns(const at::Tensor& columns, int64_t rows, int64_t K, int64_t C, int64_t groups) {
   if (groups == 1) return columns.view({1, rows, K * C});
   return columns.view({rows, K, groups, C / groups}).permute({2, 0, 1, 3}).reshape({groups, rows, K * (C / groups)});
 }
 
+// Depth and width of the pieces multiply_rows hands to the ukernel: a (512, 64) panel of B
+// (128 KiB) stays in L2 while the rows of A stream past it.
+constexpr int64_t kPanelDepth = 512, kPanelWidth = 64;
+
+// Row-major c (m, n) = a (m, k) x b (k, n), or c += a x b when `accumulate`; on the calling thread.
+// Float goes through oneDNN's brgemm ukernel where ATen has it: on one core it ran 1.15-1.25x
+// faster than MKL's sgemm on this kernel's block shapes, because MKL takes its AVX2 path on AMD
+// CPUs. Double (and float on older ATen) goes through ATen's mm.
+template <typename scalar_t>
+void multiply_rows(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
+                   scalar_t* c, int64_t ldc, bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t k0 = 0; k0 < k; k0 += kPanelDepth) {
+      for (int64_t n0 = 0; n0 < n; n0 += kPanelWidth) {
+        at::native::cpublas::brgemm(m, std::min(kPanelWidth, n - n0), std::min(kPanelDepth, k - k0), lda, ldb, ldc,
+                                    accumulate || k0 > 0, a + k0, b + k0 * ldb + n0, c + n0, false);
+      }
+    }
+    return;
+  }
+#endif
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto a_t = at::from_blob(const_cast<scalar_t*>(a), {m, k}, {lda, 1}, options);
+  const auto b_t = at::from_blob(const_cast<scalar_t*>(b), {k, n}, {ldb, 1}, options);
+  auto c_t = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (accumulate) {
+    c_t.addmm_(a_t, b_t);
+  } else {
+    at::mm_out(c_t, a_t, b_t);
+  }
+}
+
 at::Tensor out_rows_of(const at::Tensor& out_nhwc, const Geometry& g, int64_t O) {  // (N, Ho, Wo, O) as rows
   return out_nhwc.view({g.batch * g.out_size(), O});
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, on the calling thread, in 16 x 16
+// tiles. ATen's strided copy ran 2-4x slower on this kernel's layouts, worst on planes of 1024
+// pixels, whose 4 KiB stride sends every read of a column to the same cache set.
+template <typename scalar_t>
+void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst, int64_t ld_dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r_end = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c_end = std::min(cols, c0 + kTile);
+      if (r_end - r0 < kTile || c_end - c0 < kTile) {
+        for (int64_t r = r0; r < r_end; ++r) {
+          for (int64_t c = c0; c < c_end; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+        }
+        continue;
+      }
+      scalar_t tile[kTile][kTile];
+      for (int64_t r = 0; r < kTile; ++r) {
+        for (int64_t c = 0; c < kTile; ++c) tile[c][r] = src[(r0 + r) * ld_src + c0 + c];
+      }
+      for (int64_t c = 0; c < kTile; ++c) {
+        for (int64_t r = 0; r < kTile; ++r) dst[(c0 + c) * ld_dst + r0 + r] = tile[c][r];
+      }
+    }
+  }
+}
+
+// Per image, (a, b) planes -> (b, a) planes on all threads, in pieces of 256 of b.
+at::Tensor transpose_images(const at::Tensor& t, int64_t a, int64_t b, at::IntArrayRef result_shape) {
+  auto result = at::empty(result_shape, t.options());
+  constexpr int64_t kPiece = 256;
+  const int64_t images = t.size(0), pieces = (b + kPiece - 1) / kPiece;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dcn_transpose_images", [&] {
+    const scalar_t* from = t.data_ptr<scalar_t>();
+    scalar_t* to = result.data_ptr<scalar_t>();
+    at::parallel_for(0, images * pieces, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / pieces, b0 = (i % pieces) * kPiece;
+        transpose_into(from + n * a * b + b0, a, std::min(kPiece, b - b0), b, to + n * a * b + b0 * a, a);
+      }
+    });
+  });
+  return result;
+}
+
 at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contiguous (N, H, W, C)
-  return t.permute({0, 2, 3, 1}).contiguous();
+  if (!t.is_contiguous()) return t.permute({0, 2, 3, 1}).contiguous();  // channels-last: a view
+  return transpose_images(t, t.size(1), t.size(2) * t.size(3), {t.size(0), t.size(2), t.size(3), t.size(1)});
+}
+
+// A (r, c) matrix with unit row stride (a transposed view) as a contiguous copy, on this thread.
+template <typename scalar_t>
+at::Tensor contiguous_block(const at::Tensor& m) {
+  if (m.is_contiguous()) return m;
+  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.stride(0) == 1);
+  auto result = at::empty({m.size(0), m.size(1)}, m.options());
+  transpose_into(m.data_ptr<scalar_t>(), m.size(1), m.size(0), m.stride(1), result.data_ptr<scalar_t>(), m.size(1));
+  return result;
+}
+
+at::Tensor planes_of_rows(const at::Tensor& t) {  // contiguous (N, H, W, C) -> contiguous (N, C, H, W)
+  return transpose_images(t, t.size(1) * t.size(2), t.size(3), {t.size(0), t.size(3), t.size(1), t.size(2)});
 }
 
 // Call `body(row0, rows)` for blocks of at most `block` rows covering rows [r_begin, r_end),
@@ -796,6 +916,11 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
     return as_nchw_view(out);
   }
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
+  at::Tensor weight_kc;  // (K*C, O)
+  if (groups == 1) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_weight_by_output",
+                               [&] { weight_kc = weight_by_output<scalar_t>(weight.detach()); });
+  }
   // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
   const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
   auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
@@ -809,26 +934,30 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
                             rows, cols.data_ptr<scalar_t>());
       if (planes_direct) {  // (g, O/g, rows) = W (g, O/g, K*C/g) x cols^T, into the image's planes
         auto dst = out_planes[row0 / L].narrow(2, row0 % L, rows);
-        auto cols_t = group_columns(cols, rows, K, C, groups).transpose(1, 2);
-        if (groups == 1) {
-          auto dst0 = dst[0];
-          at::mm_out(dst0, wmat[0], cols_t[0]);
+        if (groups == 1) {  // (rows, O) on this thread, then transposed into the planes
+          auto product = at::empty({rows, O}, input.options());
+          multiply_rows<scalar_t>(rows, O, K * C, cols.data_ptr<scalar_t>(), K * C, weight_kc.data_ptr<scalar_t>(), O,
+                                  product.data_ptr<scalar_t>(), O, false);
+          transpose_into(product.data_ptr<scalar_t>(), rows, O, O, dst.data_ptr<scalar_t>(), L);
         } else {
-          dst.copy_(at::bmm(wmat, cols_t));
+          dst.copy_(at::bmm(wmat, group_columns(cols, rows, K, C, groups).transpose(1, 2)));
         }
         if (has_bias) dst.add_(bias_column);
         return;
       }
       auto dst = nhwc_out ? out_rows.narrow(0, row0, rows) : at::empty({rows, O}, input.options());
       if (groups == 1) {
-        at::mm_out(dst, cols, wmat_t[0]);
+        multiply_rows<scalar_t>(rows, O, K * C, cols.data_ptr<scalar_t>(), K * C, weight_kc.data_ptr<scalar_t>(), O,
+                                dst.data_ptr<scalar_t>(), O, false);
       } else {
         auto grouped = at::bmm(group_columns(cols, rows, K, C, groups), wmat_t);  // (g, rows, O/g)
         dst.view({rows, groups, Og}).copy_(grouped.transpose(0, 1));
       }
       if (has_bias) dst.add_(*bias);
       if (!nhwc_out) {  // rows (images x L, O) -> planes (images, O, L)
-        out_planes.view({g.batch, O, L}).narrow(0, row0 / L, rows / L).copy_(dst.view({rows / L, L, O}).transpose(1, 2));
+        for (int64_t i = 0; i < rows / L; ++i) {
+          transpose_into(dst.data_ptr<scalar_t>() + i * L * O, L, O, O, out.data_ptr<scalar_t>() + (row0 + i * L) * O, L);
+        }
       }
     };
     if (row_ranges) {
@@ -907,8 +1036,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         at::Tensor cols = need_weight ? at::empty({rows, K * C}, opts) : at::Tensor();
         if (need_scatter) {
           at::Tensor grad_cols;
-          if (groups == 1) {
-            grad_cols = at::mm(grad_grouped[0], wmat[0]);  // (rows, K*C)
+          if (groups == 1) {  // (rows, K*C) = grad (rows, O) x W (O, K*C)
+            const at::Tensor grad_block = contiguous_block<scalar_t>(grad_grouped[0]);
+            grad_cols = at::empty({rows, K * C}, opts);
+            multiply_rows<scalar_t>(rows, K * C, O, grad_block.data_ptr<scalar_t>(), O, wmat.data_ptr<scalar_t>(), K * C,
+                                    grad_cols.data_ptr<scalar_t>(), K * C, false);
           } else {
             grad_cols = at::bmm(grad_grouped, wmat)  // (g, rows, K*Cg) -> (rows, K, g, Cg)
                             .view({groups, rows, K, Cg})
@@ -926,7 +1058,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                                 has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
                                 rows, cols.data_ptr<scalar_t>());
         }
-        if (need_weight) local_gw.baddbmm_(grad_grouped.transpose(1, 2), group_columns(cols, rows, K, C, groups));
+        if (need_weight && groups == 1) {  // W' (O, K*C) += grad^T (O, rows) x cols (rows, K*C)
+          const at::Tensor grad_t = grad_grouped[0].t();
+          const at::Tensor grad_by_output = grad_t.stride(1) == 1 ? grad_t : contiguous_block<scalar_t>(grad_t);
+          multiply_rows<scalar_t>(O, K * C, rows, grad_by_output.data_ptr<scalar_t>(), grad_by_output.stride(0),
+                                  cols.data_ptr<scalar_t>(), K * C, local_gw.data_ptr<scalar_t>(), K * C, true);
+        } else if (need_weight) {
+          local_gw.baddbmm_(grad_grouped.transpose(1, 2), group_columns(cols, rows, K, C, groups));
+        }
       };
       if (by_rows) {
         at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t i_begin, int64_t i_end) {
@@ -965,7 +1104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   }
 
   if (need_input) {  // in the input's memory format, as the forward's output
-    grad_input = grad_input.permute({0, 3, 1, 2}).contiguous(input_.suggest_memory_format());
+    grad_input = input_.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? grad_input.permute({0, 3, 1, 2})
+                                                                                  : planes_of_rows(grad_input);
   }
   at::Tensor grad_weight;
   if (need_weight && !grad_wmat.defined()) grad_wmat = at::zeros({groups, Og, K * Cg}, opts);  // batch 0
