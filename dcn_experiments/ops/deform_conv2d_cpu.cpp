@@ -25,6 +25,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 struct Geometry {
@@ -555,38 +559,6 @@ int64_t block_rows(const Geometry& g, int64_t element_size) {
   return std::max<int64_t>(256, (int64_t(1) << 20) / row_bytes);
 }
 
-// Weight (O, C/g, kh, kw) as (g, O/g, K*C/g), matching the column layout (k, c) of each group.
-at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
-  const int64_t O = weight.size(0), Cg = weight.size(1), K = weight.size(2) * weight.size(3);
-  return weight.reshape({groups, O / groups, Cg, K}).transpose(2, 3).reshape({groups, O / groups, K * Cg});
-}
-
-// Weight (O, C, kh, kw) of one weight group as (K*C, O): the B operand of multiply_rows in the
-// forward. Tiles of 16 outputs x 16 (c, k) read and write whole cache lines; a strided copy
-// through ATen took 4x as long, which showed on wide layers with few rows.
-template <typename scalar_t>
-at::Tensor weight_by_output(const at::Tensor& weight) {
-  const int64_t O = weight.size(0), C = weight.size(1), K = weight.size(2) * weight.size(3), depth = C * K;
-  constexpr int64_t kTile = 16;
-  const at::Tensor w = weight.contiguous();
-  auto result = at::empty({K * C, O}, weight.options());
-  const scalar_t* from = w.data_ptr<scalar_t>();
-  scalar_t* to = result.data_ptr<scalar_t>();
-  at::parallel_for(0, (O + kTile - 1) / kTile, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t o0 = t_begin * kTile; o0 < std::min(O, t_end * kTile); o0 += kTile) {
-      const int64_t o_end = std::min(O, o0 + kTile);
-      for (int64_t j0 = 0; j0 < depth; j0 += kTile) {  // j = c * K + k, the weight's own order
-        const int64_t j_end = std::min(depth, j0 + kTile);
-        for (int64_t j = j0; j < j_end; ++j) {
-          scalar_t* row = to + ((j % K) * C + j / K) * O;
-          for (int64_t o = o0; o < o_end; ++o) row[o] = from[o * depth + j];
-        }
-      }
-    }
-  });
-  return result;
-}
-
 // Columns block (rows, K*C) as g contiguous matrices (g, rows, K*C/g); a view when g == 1.
 at::Tensor group_columns(const at::Tensor& columns, int64_t rows, int64_t K, int64_t C, int64_t groups) {
   if (groups == 1) return columns.view({1, rows, K * C});
@@ -630,28 +602,53 @@ at::Tensor out_rows_of(const at::Tensor& out_nhwc, const Geometry& g, int64_t O)
   return out_nhwc.view({g.batch * g.out_size(), O});
 }
 
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, on the calling thread, in 16 x 16
-// tiles. ATen's strided copy ran 2-4x slower on this kernel's layouts, worst on planes of 1024
-// pixels, whose 4 KiB stride sends every read of a column to the same cache set.
+#if defined(__AVX__)
+// One 8 x 8 float block transposed in registers: pairs interleaved, then quadruples, then halves.
+inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 row[8], pair[8], quad[8];
+  for (int i = 0; i < 8; ++i) row[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    pair[i] = _mm256_unpacklo_ps(row[i], row[i + 1]);
+    pair[i + 1] = _mm256_unpackhi_ps(row[i], row[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    quad[i] = _mm256_shuffle_ps(pair[i], pair[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[i + 1] = _mm256_shuffle_ps(pair[i], pair[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    quad[i + 2] = _mm256_shuffle_ps(pair[i + 1], pair[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[i + 3] = _mm256_shuffle_ps(pair[i + 1], pair[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(quad[i], quad[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(quad[i], quad[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, on the calling thread: 8 x 8
+// blocks (in registers where the build has AVX) inside 16 x 16 tiles, whose reads and writes are
+// whole cache lines. ATen's strided copy ran 2-4x slower on this kernel's layouts, worst on planes
+// of 1024 pixels, whose 4 KiB stride sends every read of a column to the same cache set.
 template <typename scalar_t>
 void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst, int64_t ld_dst) {
-  constexpr int64_t kTile = 16;
+  constexpr int64_t kTile = 16, kBlock = 8;
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int64_t r_end = std::min(rows, r0 + kTile);
     for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
       const int64_t c_end = std::min(cols, c0 + kTile);
-      if (r_end - r0 < kTile || c_end - c0 < kTile) {
-        for (int64_t r = r0; r < r_end; ++r) {
-          for (int64_t c = c0; c < c_end; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+      for (int64_t r1 = r0; r1 < r_end; r1 += kBlock) {
+        for (int64_t c1 = c0; c1 < c_end; c1 += kBlock) {
+#if defined(__AVX__)
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (r1 + kBlock <= r_end && c1 + kBlock <= c_end) {
+              transpose_8x8(src + r1 * ld_src + c1, ld_src, dst + c1 * ld_dst + r1, ld_dst);
+              continue;
+            }
+          }
+#endif
+          for (int64_t r = r1; r < std::min(r_end, r1 + kBlock); ++r) {
+            for (int64_t c = c1; c < std::min(c_end, c1 + kBlock); ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+          }
         }
-        continue;
-      }
-      scalar_t tile[kTile][kTile];
-      for (int64_t r = 0; r < kTile; ++r) {
-        for (int64_t c = 0; c < kTile; ++c) tile[c][r] = src[(r0 + r) * ld_src + c0 + c];
-      }
-      for (int64_t c = 0; c < kTile; ++c) {
-        for (int64_t r = 0; r < kTile; ++r) dst[(c0 + c) * ld_dst + r0 + r] = tile[c][r];
       }
     }
   }
@@ -673,6 +670,18 @@ at::Tensor transpose_images(const at::Tensor& t, int64_t a, int64_t b, at::IntAr
     });
   });
   return result;
+}
+
+// Weight (O, C/g, kh, kw) as (g, O/g, K*C/g), matching the column layout (k, c) of each group.
+at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
+  const int64_t O = weight.size(0), Cg = weight.size(1), K = weight.size(2) * weight.size(3);
+  return transpose_images(weight.contiguous(), Cg, K, {O, K, Cg}).view({groups, O / groups, K * Cg});
+}
+
+// Weight (O, C, kh, kw) of one weight group as (K*C, O): the B operand of the forward's products.
+at::Tensor weight_by_output(const at::Tensor& weight) {
+  const int64_t O = weight.size(0), depth = weight.numel() / O;
+  return transpose_images(weight_matrix(weight, 1), O, depth, {1, depth, O}).view({depth, O});
 }
 
 at::Tensor channels_last_rows(const at::Tensor& t) {  // (N, C, H, W) -> contiguous (N, H, W, C)
@@ -843,7 +852,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const at::Tensor zero = at::zeros({C}, input.options());  // the value of corners outside the image
   if (use_narrow_kernels(g)) {
     at::NoGradGuard no_grad;
-    const at::Tensor weight_t = weight_matrix(weight.detach(), 1)[0].t().contiguous();  // (K*C, O)
+    const at::Tensor weight_t = weight_by_output(weight.detach());  // (K*C, O)
     const at::Tensor bias_c = has_bias ? bias->detach().to(input.options()).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_narrow", [&] {
       with_narrow_layer(g, [&](auto cg, auto o) {
@@ -872,9 +881,13 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   // reordering the columns (k, c) -> (c, k) moves less data than reordering the weight, which is
   // then used as it is, (O, C*K).
   const bool weight_in_place = threaded_gemm && groups == 1 && g.batch * L < O;
-  const at::Tensor wmat = weight_in_place ? weight.detach().contiguous().view({1, O, C * K})
-                                          : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
-  const at::Tensor wmat_t = wmat.transpose(1, 2);  // GEMM operand, no copy
+  // The ATen products (threaded GEMM, weight groups) take the weight as (g, O/g, K*C/g); the
+  // ukernel's per-block products of one group take it as (K*C, O).
+  const bool ukernel_products = !threaded_gemm && groups == 1;
+  const at::Tensor wmat = weight_in_place    ? weight.detach().contiguous().view({1, O, C * K})
+                          : ukernel_products ? at::Tensor()
+                                             : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
+  const at::Tensor wmat_t = wmat.defined() ? wmat.transpose(1, 2) : at::Tensor();  // GEMM operand, no copy
   // NHWC output: each block's GEMM writes its rows of the output directly. NCHW output with
   // large images: blocks stay inside one image and the GEMM writes the transposed product
   // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
@@ -916,11 +929,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
     return as_nchw_view(out);
   }
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
-  at::Tensor weight_kc;  // (K*C, O)
-  if (groups == 1) {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_weight_by_output",
-                               [&] { weight_kc = weight_by_output<scalar_t>(weight.detach()); });
-  }
+  const at::Tensor weight_kc = ukernel_products ? weight_by_output(weight.detach()) : at::Tensor();  // (K*C, O)
   // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
   const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
   auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
@@ -1111,7 +1120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (need_weight && !grad_wmat.defined()) grad_wmat = at::zeros({groups, Og, K * Cg}, opts);  // batch 0
   if (need_weight) {
     // (g, O/g, K, Cg) -> (O, Cg, kh, kw)
-    grad_weight = grad_wmat.view({groups, Og, K, Cg}).transpose(2, 3).reshape({O, Cg, g.kernel_h, g.kernel_w});
+    grad_weight = transpose_images(grad_wmat.view({O, K, Cg}), K, Cg, {O, Cg, g.kernel_h, g.kernel_w});
   }
   return {grad_input, grad_offset, grad_mask, grad_weight, grad_bias};
 }
