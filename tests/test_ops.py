@@ -37,11 +37,11 @@ CASES = {
     # more than 512 columns (64 channels x 9 taps) and 64 output channels: the GEMMs are cut into
     # panels of depth and width, with partial panels at both ends
     "panels": (2, 64, 80, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
-    # fewer rows (2 x 3 x 3) than output channels: the row-split forward uses the weight in place
+    # fewer rows (2 x 3 x 3) than output channels, and 64 channels with more than 512 columns per
+    # row: at batch 1 the row-split forward splits the output channels between the threads and
+    # multiplies the weight in place by the transposed columns
     "few_rows": (2, 8, 48, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
-    # 64 channels and at least 4 rows per output channel: the row-split forward's GEMM is a 1x1
-    # oneDNN convolution of the columns (float32 only; float64 stays on BLAS)
-    "onednn_rows": (2, 64, 40, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
+    "deep_rows": (2, 64, 40, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -151,7 +151,7 @@ def _layout(t: torch.Tensor) -> str:
 @pytest.mark.parametrize("implementation", [deform_conv2d, deform_conv2d_reference], ids=["ours", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize(
-    "name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image", "wide_image", "onednn_rows"]
+    "name", ["basic", "groups", "odd_batch_strided", "no_mask", "large_image", "wide_image", "deep_rows"]
 )
 def test_output_and_input_grad_keep_the_input_memory_format(implementation, layout: str, name: str, path) -> None:
     """NCHW in -> NCHW out, channels-last in -> channels-last out (and the same for grad_input), with
@@ -172,9 +172,7 @@ def test_output_and_input_grad_keep_the_input_memory_format(implementation, layo
     torch.testing.assert_close(leaf.grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "name", ["basic", "groups", "unet_like", "large_image", "wide_image", "few_rows", "onednn_rows"]
-)
+@pytest.mark.parametrize("name", ["basic", "groups", "unet_like", "large_image", "wide_image", "few_rows", "deep_rows"])
 def test_batch_of_one_equals_the_batched_result(name: str) -> None:
     """Batch-1 calls (split by rows over 2 threads) give each image's slice of the batched call
     (split by image over 1 thread): output and the per-image gradients; the weight and bias
@@ -228,10 +226,10 @@ def test_huge_offsets_sample_zeros_and_nan_offsets_propagate(path: str) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "onednn_rows"])
+@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "deep_rows"])
 def test_forward_under_inference_mode(name: str, layout: str, path: str) -> None:
-    """Every forward path (narrow, BLAS per block or per image, row split with the weight in place or
-    through oneDNN) runs under ``torch.inference_mode``, whose output is an inference tensor written by
+    """Every forward path (narrow, products per block or per image, row split by rows or by output
+    channels) runs under ``torch.inference_mode``, whose output is an inference tensor written by
     the kernel's worker threads, and gives the result of a ``no_grad`` call."""
     _, *rest = CASES[name]
     # batch 4: two images per thread on the image path, so that the worker threads write the output
@@ -248,22 +246,8 @@ def test_forward_under_inference_mode(name: str, layout: str, path: str) -> None
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_onednn_forward_matches_the_blas_forward() -> None:
-    """The row-split forward through oneDNN (see ``onednn_rows``) equals the BLAS GEMM's result,
-    which is what runs when the user turns oneDNN off."""
-    x, offset, weight, bias, s, p, d, mask = _inputs(CASES["onednn_rows"], torch.float32, seed=4)
-    with kernel_path("by_rows", x.shape[0]), torch.no_grad():
-        through_onednn = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
-        torch.backends.mkldnn.enabled = False
-        try:
-            through_blas = deform_conv2d(x, offset, weight, bias, s, p, d, mask)
-        finally:
-            torch.backends.mkldnn.enabled = True
-    torch.testing.assert_close(through_onednn, through_blas, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "panels"])
+@pytest.mark.parametrize("name", ["basic", "large_image", "wide_image", "few_rows", "deep_rows", "panels"])
 def test_onednn_ukernel_matches_blas(name: str, path: str) -> None:
     """The kernel's float GEMMs go through oneDNN's brgemm ukernel; with oneDNN turned off ATen runs
     them through BLAS instead. Both give the same output and gradients (within float rounding), so

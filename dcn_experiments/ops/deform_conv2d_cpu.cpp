@@ -735,8 +735,9 @@ bool use_planes_directly(const Geometry& g, int64_t block) {
 }
 
 // Splitting the work by image leaves cores idle when there are fewer images than about two per
-// thread (batch-1 inference). Such batches are split by rows instead: every thread samples its
-// share of the rows of all images, then one GEMM per image runs on all threads (BLAS threading).
+// thread (batch-1 inference). Such batches are split by rows instead (each thread samples and
+// multiplies its own rows, or, with few rows, samples its share and then multiplies its share of
+// the output channels; see the forward), and the backward by blocks of rows.
 bool split_by_rows(const Geometry& g) {
   return g.batch < 2 * static_cast<int64_t>(at::get_num_threads());
 }
@@ -769,60 +770,60 @@ void sample_rows_parallel(const Geometry& g, const scalar_t* input, const scalar
   });
 }
 
-// Whether the one threaded GEMM of a small batch (split by rows, with too few rows per thread for
-// their own GEMMs: see threaded_gemm in the forward) runs as a 1x1 oneDNN convolution of the
-// columns: when the layer has at least 64 input channels and at least 4 rows per output channel. MKL takes
-// its AVX2 path on AMD CPUs and threads a tall, narrow GEMM poorly: on 64 channels at 32 px, batch
-// 1, oneDNN took 0.8x the time of the threaded MKL GEMM. Elsewhere it does not pay: with
-// few rows (deep layers at batch 1) its per-call weight reorder costs more than the GEMM, narrow
-// layers (8-32 channels) ran 1.05-1.25x slower, and larger batches, whose per-thread blocks stay
-// in L2 with BLAS, ran 1.0-1.2x slower. oneDNN has no float64, and the column layout (k, c)
-// matches a 1x1 convolution's channels for one weight group only.
-bool use_onednn_forward(const Geometry& g, const at::Tensor& input) {
-  return g.channels >= 64 && g.batch * g.out_size() >= 4 * g.out_channels &&
-         g.weight_groups == 1 && input.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn();
-}
-
-// Rows per chunk of the oneDNN forward: at most rows_per_piece, cut into equal chunks.
-int64_t onednn_chunk_rows(const Geometry& g, int64_t element_size) {
-  const int64_t total = g.batch * g.out_size(), most = rows_per_piece(g, element_size);
-  const int64_t pieces = (total + most - 1) / most;
-  return (total + pieces - 1) / pieces;
-}
-
-// Forward through oneDNN (see use_onednn_forward): per chunk of rows, sample the columns on all
-// threads, then one threaded 1x1 convolution of the columns viewed as a channels-last
-// (1, K*C, 1, rows) image, bias fused, and the (rows, O) result copied into the output.
-void forward_onednn(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                    const c10::optional<at::Tensor>& bias, const at::Tensor& offset, const at::Tensor& mask,
-                    const at::Tensor& zero, bool nhwc_out, at::Tensor& out) {
-  at::NoGradGuard no_grad;
+// Forward of a small batch with few rows per thread (see row_ranges in the forward): per piece of
+// one image, the columns are sampled on all threads and transposed to (C*K, rows), then the
+// threads split the output channels: out^T (O, rows) = W (O, C*K) x cols^T, each thread reading
+// its share of the weight in place. Deep layers at batch 1 hold more weight than columns (512
+// channels at 4 px: 2.4M weights, 74K column values), so the weight is read once and never
+// reordered, and no thread waits on another's GEMM. (MKL's threaded GEMM scaled 1.35x from 1 to
+// 2 threads on 128 channels at 16 px, batch 1.)
+template <typename scalar_t>
+void forward_by_output_channels(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& offset, const at::Tensor& mask,
+                                const at::Tensor& zero, bool nhwc_out, at::Tensor& out) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
-  const at::Tensor w1x1 = weight_matrix(weight.detach(), 1).view({O, K * C, 1, 1});
-  const bool has_bias = bias.has_value() && bias->defined();
-  const c10::optional<at::Tensor> bias_d = has_bias ? c10::optional<at::Tensor>(bias->detach()) : c10::nullopt;
-  const int64_t total = g.batch * L, chunk = onednn_chunk_rows(g, input.element_size());
-  auto out_rows = nhwc_out ? out.view({total, O}) : at::Tensor();
-  auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, O, L});
-  for (int64_t row0 = 0; row0 < total; row0 += chunk) {
-    const int64_t rows = std::min(chunk, total - row0);
-    auto cols = at::empty({rows, K * C}, input.options());
-    sample_rows_parallel<float>(g, input.data_ptr<float>(), offset.data_ptr<float>(),
-                                mask.defined() ? mask.data_ptr<float>() : nullptr, zero.data_ptr<float>(), row0,
-                                rows, cols.data_ptr<float>());
-    const auto image = cols.view({1, 1, rows, K * C}).permute({0, 3, 1, 2});
-    const auto result = at::mkldnn_convolution(image, w1x1, bias_d, {0, 0}, {1, 1}, {1, 1}, 1)
-                            .permute({0, 2, 3, 1})
-                            .reshape({rows, O});
-    if (nhwc_out) {
-      out_rows.narrow(0, row0, rows).copy_(result);
-      continue;
-    }
-    for (int64_t r = 0; r < rows;) {  // rows -> each image's planes
-      const int64_t b = (row0 + r) / L, l = (row0 + r) % L, n = std::min(rows - r, L - l);
-      out_planes[b].narrow(1, l, n).copy_(result.narrow(0, r, n).t());
-      r += n;
+  const int64_t groups = g.weight_groups, Og = O / groups, depth = (C / groups) * K;  // per group
+  const bool inference = c10::InferenceMode::is_enabled();
+  const at::Tensor w = weight.contiguous();  // (O, C/g, kh, kw): per group (O/g, C/g * K), (c, k) order
+  const scalar_t* w_data = w.data_ptr<scalar_t>();
+  const scalar_t* bias_data = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  const int64_t piece = rows_per_piece(g, input.element_size());
+  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+  for (int64_t b = 0; b < g.batch; ++b) {
+    for (int64_t l0 = 0; l0 < L; l0 += piece) {
+      const int64_t rows = std::min(piece, L - l0), row0 = b * L + l0;
+      auto cols = at::empty({rows, K * C}, input.options());
+      auto cols_t = at::empty({C * K, rows}, input.options());  // (c, k) order, as the weight's
+      sample_rows_parallel<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                     mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
+                                     row0, rows, cols.data_ptr<scalar_t>());
+      at::parallel_for(0, K, 1, [&](int64_t k_begin, int64_t k_end) {
+        for (int64_t k = k_begin; k < k_end; ++k) {  // tap k's (rows, C) -> rows c * K + k of cols_t
+          transpose_into(cols.data_ptr<scalar_t>() + k * C, rows, C, K * C, cols_t.data_ptr<scalar_t>() + k * rows,
+                         K * rows);
+        }
+      });
+      // NHWC output: the threads' (O, rows) products go through a scratch and are transposed.
+      auto product = nhwc_out ? at::empty({O, rows}, input.options()) : at::Tensor();
+      scalar_t* dst = nhwc_out ? product.data_ptr<scalar_t>() : out_data + b * O * L + l0;
+      const int64_t ld_dst = nhwc_out ? rows : L;
+      at::parallel_for(0, O, (O + threads - 1) / threads, [&](int64_t o_begin, int64_t o_end) {
+        const WorkerModes modes(inference);
+        for (int64_t o0 = o_begin; o0 < o_end;) {  // cut at weight-group boundaries
+          const int64_t group = o0 / Og, o_count = std::min(o_end, (group + 1) * Og) - o0;
+          if (bias_data != nullptr) {
+            for (int64_t o = o0; o < o0 + o_count; ++o) std::fill_n(dst + o * ld_dst, rows, bias_data[o]);
+          }
+          multiply_rows<scalar_t>(o_count, rows, depth, w_data + o0 * depth, depth,
+                                  cols_t.data_ptr<scalar_t>() + group * depth * rows, rows, dst + o0 * ld_dst, ld_dst,
+                                  bias_data != nullptr);
+          if (nhwc_out) {
+            transpose_into(dst + o0 * ld_dst, o_count, rows, ld_dst, out_data + row0 * O + o0, O);
+          }
+          o0 += o_count;
+        }
+      });
     }
   }
 }
@@ -871,63 +872,19 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const int64_t block = block_rows(g, input.element_size());
   const bool row_ranges = split_by_rows(g) && (nhwc_out || use_planes_directly(g, block)) &&
                           g.batch * L >= kRowsPerThread * static_cast<int64_t>(at::get_num_threads());
-  // Otherwise small batches sample on all threads, then run one threaded GEMM per piece.
-  const bool threaded_gemm = split_by_rows(g) && !row_ranges;
-  if (threaded_gemm && use_onednn_forward(g, input)) {
-    forward_onednn(g, input, weight, bias, offset, mask, zero, nhwc_out, out);
-    return as_nchw_view(out);
-  }
-  // Few rows (batch-1 inference of deep layers: 16-64 rows against 256-512 output channels):
-  // reordering the columns (k, c) -> (c, k) moves less data than reordering the weight, which is
-  // then used as it is, (O, C*K).
-  const bool weight_in_place = threaded_gemm && groups == 1 && g.batch * L < O;
-  // The ATen products (threaded GEMM, weight groups) take the weight as (g, O/g, K*C/g); the
-  // ukernel's per-block products of one group take it as (K*C, O).
-  const bool ukernel_products = !threaded_gemm && groups == 1;
-  const at::Tensor wmat = weight_in_place    ? weight.detach().contiguous().view({1, O, C * K})
-                          : ukernel_products ? at::Tensor()
-                                             : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
-  const at::Tensor wmat_t = wmat.defined() ? wmat.transpose(1, 2) : at::Tensor();  // GEMM operand, no copy
-  // NHWC output: each block's GEMM writes its rows of the output directly. NCHW output with
-  // large images: blocks stay inside one image and the GEMM writes the transposed product
-  // (O, rows) straight into that image's planes. NCHW with small images (a block would hold few
-  // rows): blocks span images, go through a scratch (rows, O) and are transposed into place.
-  if (threaded_gemm) {
-    // Pieces inside one image: sample on all threads, then one threaded GEMM into the output.
-    const int64_t piece = rows_per_piece(g, input.element_size());
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_rows", [&] {
-      for (int64_t b = 0; b < g.batch; ++b) {
-        for (int64_t l0 = 0; l0 < L; l0 += piece) {
-          const int64_t rows = std::min(piece, L - l0), row0 = b * L + l0;
-          auto cols = at::empty({rows, K * C}, input.options());
-          sample_rows_parallel<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                         has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
-                                         row0, rows, cols.data_ptr<scalar_t>());
-          if (weight_in_place) cols = cols.view({rows, K, C}).transpose(1, 2).contiguous().view({rows, C * K});
-          if (nhwc_out) {
-            auto dst = out_rows_of(out, g, O).narrow(0, row0, rows);
-            if (groups == 1) {
-              at::mm_out(dst, cols, wmat_t[0]);
-            } else {
-              dst.view({rows, groups, Og}).copy_(at::bmm(group_columns(cols, rows, K, C, groups), wmat_t).transpose(0, 1));
-            }
-            if (has_bias) dst.add_(*bias);
-          } else {
-            auto dst = out.view({g.batch, groups, Og, L})[b].narrow(2, l0, rows);
-            auto cols_t = group_columns(cols, rows, K, C, groups).transpose(1, 2);
-            if (groups == 1) {
-              auto dst0 = dst[0];
-              at::mm_out(dst0, wmat[0], cols_t[0]);
-            } else {
-              dst.copy_(at::bmm(wmat, cols_t));
-            }
-            if (has_bias) dst.add_(bias->view({groups, Og, 1}));
-          }
-        }
-      }
+  // Otherwise small batches sample on all threads, then split the output channels.
+  if (split_by_rows(g) && !row_ranges) {
+    const at::Tensor bias_c = has_bias ? bias->detach().to(input.options()).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_by_output_channels", [&] {
+      forward_by_output_channels<scalar_t>(g, input, weight.detach(), bias_c, offset, mask, zero, nhwc_out, out);
     });
     return as_nchw_view(out);
   }
+  // Per block of rows on one thread: out (rows, O) = cols (rows, K*C) x W^T, through the ukernel
+  // for one weight group (W^T as (K*C, O)), through ATen's batched product for several.
+  const bool ukernel_products = groups == 1;
+  const at::Tensor wmat = ukernel_products ? at::Tensor() : weight_matrix(weight.detach(), groups);  // (g, O/g, K*C/g)
+  const at::Tensor wmat_t = ukernel_products ? at::Tensor() : wmat.transpose(1, 2);  // GEMM operand, no copy
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
   const at::Tensor weight_kc = ukernel_products ? weight_by_output(weight.detach()) : at::Tensor();  // (K*C, O)
   // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
