@@ -17,10 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -569,6 +571,28 @@ at::Tensor group_columns(const at::Tensor& columns, int64_t rows, int64_t K, int
 // (128 KiB) stays in L2 while the rows of A stream past it.
 constexpr int64_t kPanelDepth = 512, kPanelWidth = 64;
 
+// ATen keeps every brgemm kernel it generates, per thread and shape, for the life of the process.
+// Training or evaluating at one resolution needs a few dozen product shapes, but inference over
+// images of many sizes would keep adding kernels. Past kUkernelShapes distinct shapes of
+// multiply_rows, new shapes run through ATen's mm instead (same values up to float rounding).
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+constexpr size_t kUkernelShapes = 1024;
+
+bool ukernel_admits(const std::array<int64_t, 7>& shape) {
+  static std::mutex lock;
+  static std::set<std::array<int64_t, 7>> shapes;
+  std::lock_guard<std::mutex> guard(lock);
+  if (shapes.count(shape) > 0) return true;
+  if (shapes.size() >= kUkernelShapes) {
+    TORCH_WARN_ONCE("deform_conv2d: more than ", kUkernelShapes, " GEMM shapes (many input sizes); new shapes ",
+                    "use ATen's BLAS GEMM instead of oneDNN's ukernel, which is slower on some CPUs");
+    return false;
+  }
+  shapes.insert(shape);
+  return true;
+}
+#endif
+
 // Row-major c (m, n) = a (m, k) x b (k, n), or c += a x b when `accumulate`; on the calling thread.
 // Float goes through oneDNN's brgemm ukernel where ATen has it: on one core it ran 1.15-1.25x
 // faster than MKL's sgemm on this kernel's block shapes, because MKL takes its AVX2 path on AMD
@@ -578,13 +602,15 @@ void multiply_rows(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t l
                    scalar_t* c, int64_t ldc, bool accumulate) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t k0 = 0; k0 < k; k0 += kPanelDepth) {
-      for (int64_t n0 = 0; n0 < n; n0 += kPanelWidth) {
-        at::native::cpublas::brgemm(m, std::min(kPanelWidth, n - n0), std::min(kPanelDepth, k - k0), lda, ldb, ldc,
-                                    accumulate || k0 > 0, a + k0, b + k0 * ldb + n0, c + n0, false);
+    if (ukernel_admits({m, n, k, lda, ldb, ldc, accumulate})) {
+      for (int64_t k0 = 0; k0 < k; k0 += kPanelDepth) {
+        for (int64_t n0 = 0; n0 < n; n0 += kPanelWidth) {
+          at::native::cpublas::brgemm(m, std::min(kPanelWidth, n - n0), std::min(kPanelDepth, k - k0), lda, ldb,
+                                      ldc, accumulate || k0 > 0, a + k0, b + k0 * ldb + n0, c + n0, false);
+        }
       }
+      return;
     }
-    return;
   }
 #endif
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
