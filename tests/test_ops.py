@@ -268,6 +268,24 @@ def test_onednn_ukernel_matches_blas(name: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_reused_scratch_across_modes_and_shapes(path: str) -> None:
+    """The kernel keeps its channels-last scratch copies per thread and reuses them: a call under
+    ``inference_mode``, then training calls on a larger and a smaller input, then the first input
+    again, each give the values and gradients of an independent computation (torchvision's)."""
+    shapes = ("large_image", "wide_image", "basic", "large_image")
+    for step, name in enumerate(shapes):
+        args = _inputs(CASES[name], torch.float32, seed=10 + step)
+        with kernel_path(path, args[0].shape[0]):
+            with torch.inference_mode():
+                deform_conv2d(*args)
+            ours, our_grads = _values_and_grads(deform_conv2d, *args)
+        theirs, their_grads = _values_and_grads(torchvision_ops.deform_conv2d, *args)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        for a, b in zip(our_grads, their_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_gradients_are_bitwise_reproducible(path: str) -> None:
     """Same inputs, same threads -> identical bits (exact resume needs it), on both kernel paths."""
     args = _inputs(CASES["large_image"], torch.float32, seed=3)
