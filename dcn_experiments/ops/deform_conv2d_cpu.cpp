@@ -805,7 +805,7 @@ struct WorkerModes {
   at::NoGradGuard no_grad;
 };
 
-// Rows a thread needs for its own GEMM to run near BLAS speed (see row_ranges in the forward).
+// Rows a thread needs for its own GEMM to run near full speed (see row_ranges in the forward).
 constexpr int64_t kRowsPerThread = 256;
 
 // Rows per piece of a row-split batch: the columns of one piece stay below about 64 MiB.
@@ -941,7 +941,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const at::Tensor wmat_t = ukernel_products ? at::Tensor() : wmat.transpose(1, 2);  // GEMM operand, no copy
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
   const at::Tensor weight_kc = ukernel_products ? weight_by_output(weight.detach()) : at::Tensor();  // (K*C, O)
-  // NCHW through the scratch: blocks of whole images, so each block is one batched transpose.
+  // NHWC output: each block's product goes straight into its rows of the output. NCHW with large
+  // images: blocks stay inside one image and the product (rows, O) is transposed into its planes.
+  // NCHW with small images: blocks of whole images, through a scratch transposed image by image.
   const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
   auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
   auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, groups, Og, L});
