@@ -268,6 +268,27 @@ def test_onednn_ukernel_matches_blas(name: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_without_output_channels(dtype: torch.dtype, path: str) -> None:
+    """A weight with 0 output channels gives an empty output and all-zero gradients for input,
+    offset and mask (an empty sum), on every path; dirty memory from earlier tensors must not leak
+    into the gradients."""
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(3):  # leave non-zero values in freed memory of the gradients' sizes
+        torch.full((4, 6, 6, 27), 7.0, dtype=dtype).sum()
+    x = torch.randn(4, 3, 6, 6, generator=gen, dtype=dtype, requires_grad=True)
+    offset = torch.randn(4, 18, 4, 4, generator=gen, dtype=dtype, requires_grad=True)
+    mask = torch.rand(4, 9, 4, 4, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(0, 3, 3, 3, dtype=dtype, requires_grad=True)
+    with kernel_path(path, 4):
+        out = deform_conv2d(x, offset, weight, mask=mask)
+        out.sum().backward()
+    assert out.shape == (4, 0, 4, 4)
+    for grad in (x.grad, offset.grad, mask.grad):
+        assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_reused_scratch_across_modes_and_shapes(path: str) -> None:
     """The kernel keeps its channels-last scratch copies per thread and reuses them: a call under
     ``inference_mode``, then training calls on a larger and a smaller input, then the first input

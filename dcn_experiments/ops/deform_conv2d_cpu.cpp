@@ -575,7 +575,8 @@ constexpr int64_t kPanelDepth = 512, kPanelWidth = 64;
 // ATen keeps every brgemm kernel it generates, per thread and shape, for the life of the process.
 // Training or evaluating at one resolution needs a few dozen product shapes, but inference over
 // images of many sizes would keep adding kernels. Past kUkernelShapes distinct shapes of
-// multiply_rows, new shapes run through ATen's mm instead (same values up to float rounding).
+// multiply_rows (each up to 8 ukernels per thread: panel tails x accumulate flag), new shapes run
+// through ATen's mm instead (same values up to float rounding).
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 constexpr size_t kUkernelShapes = 1024;
 
@@ -601,8 +602,13 @@ bool ukernel_admits(const std::array<int64_t, 7>& shape) {
 template <typename scalar_t>
 void multiply_rows(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
                    scalar_t* c, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;  // an empty product (a layer without output channels)
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (k == 0) {  // an empty sum (a layer without output channels): the ukernel would not write c
+      for (int64_t r = 0; r < m && !accumulate; ++r) std::fill_n(c + r * ldc, n, scalar_t(0));
+      return;
+    }
     if (ukernel_admits({m, n, k, lda, ldb, ldc, accumulate})) {
       for (int64_t k0 = 0; k0 < k; k0 += kPanelDepth) {
         for (int64_t n0 = 0; n0 < n; n0 += kPanelWidth) {
@@ -731,13 +737,13 @@ at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
 
 // Weight (O, C, kh, kw) of one weight group as (K*C, O): the B operand of the forward's products.
 at::Tensor weight_by_output(const at::Tensor& weight) {
-  const int64_t O = weight.size(0), depth = weight.numel() / O;
+  const int64_t O = weight.size(0), depth = weight.size(1) * weight.size(2) * weight.size(3);
   return transpose_images(weight_matrix(weight, 1), O, depth, {1, depth, O}).view({depth, O});
 }
 
 // (N, C, H, W) -> contiguous (N, H, W, C): a view of a channels-last tensor, else a copy into `slot`.
 at::Tensor channels_last_rows(const at::Tensor& t, Scratch slot) {
-  if (!t.is_contiguous()) return t.permute({0, 2, 3, 1}).contiguous();  // channels-last: a view
+  if (!t.is_contiguous()) return t.permute({0, 2, 3, 1}).contiguous();  // a view if channels-last
   auto rows = scratch(slot, {t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
   transpose_images_into(t, t.size(1), t.size(2) * t.size(3), rows);
   return rows;
@@ -954,7 +960,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
                             rows, cols.data_ptr<scalar_t>());
-      if (planes_direct) {  // (g, O/g, rows) = W (g, O/g, K*C/g) x cols^T, into the image's planes
+      if (planes_direct) {  // (g, O/g, rows) of the image's planes
         auto dst = out_planes[row0 / L].narrow(2, row0 % L, rows);
         if (groups == 1) {  // (rows, O) on this thread, then transposed into the planes
           auto product = at::empty({rows, O}, input.options());
