@@ -631,10 +631,6 @@ void multiply_rows(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t l
   }
 }
 
-at::Tensor out_rows_of(const at::Tensor& out_nhwc, const Geometry& g, int64_t O) {  // (N, Ho, Wo, O) as rows
-  return out_nhwc.view({g.batch * g.out_size(), O});
-}
-
 #if defined(__AVX__)
 // One 8 x 8 float block transposed in registers: pairs interleaved, then quadruples, then halves.
 inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
@@ -788,8 +784,8 @@ void for_blocks_of_images(const Geometry& g, int64_t block, bool within_images, 
   for (int64_t row0 = b_begin * L; row0 < end; row0 += block) body(row0, std::min(block, end - row0));
 }
 
-// Whether NCHW planes are large enough for per-image blocks: the GEMMs then read and write the
-// planes in place (a transposed operand) instead of going through a (rows, channels) copy.
+// Whether NCHW planes are large enough for blocks inside one image (blocks of whole images
+// otherwise): the backward then reads grad_out's planes in place instead of a channels-last copy.
 bool use_planes_directly(const Geometry& g, int64_t block) {
   return g.out_size() >= std::min<int64_t>(block, 256);
 }
@@ -947,9 +943,10 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const at::Tensor wmat_t = ukernel_products ? at::Tensor() : wmat.transpose(1, 2);  // GEMM operand, no copy
   const bool planes_direct = !nhwc_out && use_planes_directly(g, block);
   const at::Tensor weight_kc = ukernel_products ? weight_by_output(weight.detach()) : at::Tensor();  // (K*C, O)
-  // NHWC output: each block's product goes straight into its rows of the output. NCHW with large
-  // images: blocks stay inside one image and the product (rows, O) is transposed into its planes.
-  // NCHW with small images: blocks of whole images, through a scratch transposed image by image.
+  // NHWC output: each block's product goes straight into its rows of the output. NCHW: the product
+  // (rows, O) goes through a scratch and is transposed into the planes, in blocks inside one image
+  // for large images and of whole images for small ones (weight groups with large images: the
+  // batched product writes the planes directly).
   const int64_t block_fw = (nhwc_out || planes_direct) ? block : std::max<int64_t>(1, block / L) * L;
   auto out_rows = nhwc_out ? out.view({g.batch * L, O}) : at::Tensor();
   auto out_planes = nhwc_out ? at::Tensor() : out.view({g.batch, groups, Og, L});
@@ -960,16 +957,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
                             rows, cols.data_ptr<scalar_t>());
-      if (planes_direct) {  // (g, O/g, rows) of the image's planes
+      if (planes_direct && groups > 1) {  // (g, O/g, rows) straight into the image's planes
         auto dst = out_planes[row0 / L].narrow(2, row0 % L, rows);
-        if (groups == 1) {  // (rows, O) on this thread, then transposed into the planes
-          auto product = at::empty({rows, O}, input.options());
-          multiply_rows<scalar_t>(rows, O, K * C, cols.data_ptr<scalar_t>(), K * C, weight_kc.data_ptr<scalar_t>(), O,
-                                  product.data_ptr<scalar_t>(), O, false);
-          transpose_into(product.data_ptr<scalar_t>(), rows, O, O, dst.data_ptr<scalar_t>(), L);
-        } else {
-          dst.copy_(at::bmm(wmat, group_columns(cols, rows, K, C, groups).transpose(1, 2)));
-        }
+        dst.copy_(at::bmm(wmat, group_columns(cols, rows, K, C, groups).transpose(1, 2)));
         if (has_bias) dst.add_(bias_column);
         return;
       }
@@ -982,10 +972,11 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
         dst.view({rows, groups, Og}).copy_(grouped.transpose(0, 1));
       }
       if (has_bias) dst.add_(*bias);
-      if (!nhwc_out) {  // rows (images x L, O) -> planes (images, O, L)
-        for (int64_t i = 0; i < rows / L; ++i) {
-          transpose_into(dst.data_ptr<scalar_t>() + i * L * O, L, O, O, out.data_ptr<scalar_t>() + (row0 + i * L) * O, L);
-        }
+      if (nhwc_out) return;
+      for (int64_t r = 0; r < rows;) {  // rows (rows, O) -> each image's planes (O, L)
+        const int64_t b = (row0 + r) / L, l = (row0 + r) % L, n = std::min(rows - r, L - l);
+        transpose_into(dst.data_ptr<scalar_t>() + r * O, n, O, O, out.data_ptr<scalar_t>() + b * O * L + l, L);
+        r += n;
       }
     };
     if (row_ranges) {
