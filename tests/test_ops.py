@@ -31,8 +31,8 @@ CASES = {
     "unet_like": (3, 16, 8, 12, 12, 3, 1, 1, 1, 1, 2, True, 1.0),
     "large_image": (2, 16, 16, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     "narrow_32": (2, 8, 32, 10, 10, 3, 1, 1, 1, 1, 1, True, 1.0),
-    # other output-channel counts: the GEMM path; 17x17 outputs are large enough for the per-image
-    # blocks that read and write NCHW planes directly
+    # other output-channel counts: the GEMM path; 17x17 outputs are large enough for blocks inside
+    # one image (the backward reads grad_out's NCHW planes in place)
     "wide_image": (2, 16, 24, 17, 17, 3, 1, 1, 1, 1, 1, True, 1.0),
     # more than 512 columns (64 channels x 9 taps) and 64 output channels: the GEMMs are cut into
     # panels of depth and width, with partial panels at both ends
