@@ -110,6 +110,13 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
       const scalar_t* msk = mask ? mask + (b * G * K + plane) * L + l0 : ones;
       const int32_t dy = static_cast<int32_t>(taps.dy[k]), dx = static_cast<int32_t>(taps.dx[k]);
       TapPlan<scalar_t>& p = plans[plane];
+      // The next block's offsets and mask: the planes are 3 * G * K short streams, more than the
+      // hardware prefetcher follows (the loads below missed cache at 16-64 channels).
+      for (int64_t a = n; a < 2 * n && l0 + a < L; a += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
+        __builtin_prefetch(oy + a);
+        __builtin_prefetch(ox + a);
+        if (mask) __builtin_prefetch(msk + a);
+      }
       // Branch-free so that it vectorises (GCC 12 vectorises neither std::floor nor std::min/max here).
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
@@ -159,6 +166,28 @@ void for_planned_blocks(const Geometry& g, const scalar_t* offset, const scalar_
   }
 }
 
+// The four corners of row i of a planned tap in `image` (H, W, C), from channel `channel_at` on, into
+// pt; corners outside the image point at `zero`. True when all four are inside (most rows): then
+// they are one pixel, its right neighbour and the two below, found without the per-corner selects.
+template <typename scalar_t>
+inline bool corner_pointers(const Geometry& g, const TapPlan<scalar_t>& p, int64_t i, const scalar_t* image,
+                            int64_t channel_at, const scalar_t* zero, const scalar_t* (&pt)[4]) {
+  const int64_t C = g.channels;
+  const int32_t first = p.index[0][i], last = p.index[3][i];
+  if (__builtin_expect((first | last) >= 0, 1)) {  // corners 0 and 3 inside: all four are
+    pt[0] = image + static_cast<int64_t>(first) * C + channel_at;
+    pt[1] = pt[0] + C;
+    pt[2] = pt[0] + g.width * C;
+    pt[3] = pt[2] + C;
+    return true;
+  }
+  for (int q = 0; q < 4; ++q) {
+    const int32_t at = p.index[q][i];
+    pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + channel_at : zero;
+  }
+  return false;
+}
+
 // Sample row i of a planned block into dst_row, laid out (K, C); image: (H, W, C) of the block's
 // image. CG: channels per offset group known at compile time (0: read from g). The channel loops
 // are then fixed-length, so short ones (U-Net widths, 8-64) vectorise without scalar remainders.
@@ -171,10 +200,7 @@ inline void sample_planned_row(const Geometry& g, const TapPlan<scalar_t>* plans
     for (int64_t k = 0; k < K; ++k) {
       const TapPlan<scalar_t>& p = plans[grp * K + k];
       const scalar_t* pt[4];
-      for (int q = 0; q < 4; ++q) {
-        const int32_t at = p.index[q][i];
-        pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + grp * Cg : zero;
-      }
+      corner_pointers(g, p, i, image, grp * Cg, zero, pt);
       const scalar_t m = p.mask[i];
       const scalar_t w0 = p.weight[0][i] * m, w1 = p.weight[1][i] * m, w2 = p.weight[2][i] * m,
                      w3 = p.weight[3][i] * m;
@@ -243,14 +269,12 @@ inline V pair_sums(const V& a, const V& b) {
   }
 }
 
-// The lane sums of x, y and z in lanes 0, 1 and 2, reduced together (3 levels of pair sums
-// instead of three chains of lane-by-lane adds).
+// The lane sums of a, b, c and d in lanes 0-3, reduced together (levels of pair sums instead of
+// four chains of lane-by-lane adds).
 template <typename V>
-inline V sum_three(const V& x, const V& y, const V& z) {
-  const V zero = x - x;
-  const V xy = pair_sums(x, y), z0 = pair_sums(z, zero);
-  const V level2 = pair_sums(xy, z0);
-  if constexpr (sizeof(x[0]) == 4) {
+inline V sum_four(const V& a, const V& b, const V& c, const V& d) {
+  const V level2 = pair_sums(pair_sums(a, b), pair_sums(c, d));
+  if constexpr (sizeof(a[0]) == 4) {
     return pair_sums(level2, level2);  // 8 lanes: one more level
   } else {
     return level2;
@@ -288,31 +312,35 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
       const TapPlan<scalar_t>& p = plans[plane];
       const scalar_t m = p.mask[i];
       const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
-      // One pass over the channels does everything: the input gradient at the four corners,
-      // the columns, and the three sums behind the offset and mask gradients (the dot products
-      // of the column gradient with the sample's derivatives in y and x and with the sample).
+      // One pass over the channels does everything: the input gradient at the four corners, the
+      // columns, and the dot products of the column gradient with the four corners, from which the
+      // offset and mask gradients follow (the derivatives of the sample in y and x, and the sample
+      // itself, are fixed combinations of the corners).
       // Corners outside the image read zeros and add their input gradient into a scratch row.
       const scalar_t* pt[4];
       scalar_t* gpt[4];
-      for (int q = 0; q < 4; ++q) {
-        const int32_t index = p.index[q][i];
-        const int64_t at = static_cast<int64_t>(index) * C + grp * Cg;
-        pt[q] = index >= 0 ? t.image + at : t.zero;
-        gpt[q] = index >= 0 && t.grad_image ? t.grad_image + at : t.scratch_grad;
+      if (corner_pointers(g, p, i, t.image, grp * Cg, t.zero, pt) && t.grad_image) {
+        const std::ptrdiff_t to_grad = t.grad_image - t.image;  // same layout: one distance for all
+        for (int q = 0; q < 4; ++q) gpt[q] = const_cast<scalar_t*>(pt[q]) + to_grad;
+      } else {
+        for (int q = 0; q < 4; ++q) {
+          const int32_t index = p.index[q][i];
+          gpt[q] = index >= 0 && t.grad_image ? t.grad_image + static_cast<int64_t>(index) * C + grp * Cg
+                                              : t.scratch_grad;
+        }
       }
       const scalar_t b0 = p.weight[0][i], b1 = p.weight[1][i], b2 = p.weight[2][i], b3 = p.weight[3][i];
       const scalar_t w0 = b0 * m, w1 = b1 * m, w2 = b2 * m, w3 = b3 * m;
-      const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
       const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
       scalar_t *g0 = gpt[0], *g1 = gpt[1], *g2 = gpt[2], *g3 = gpt[3];
       scalar_t* __restrict__ col = col_row ? col_row + k * C + grp * Cg : t.scratch_columns;
-      scalar_t sum_y = 0, sum_x = 0, sum_mask = 0;
-      if constexpr (CG > 0 && CG % Vector32<scalar_t>::lanes == 0) {
-        // Whole 32-byte vectors: the three sums stay vectors until one joint reduction at the end
+      scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+      if (Cg % Vector32<scalar_t>::lanes == 0) {
+        // Whole 32-byte vectors: the four sums stay vectors until one joint reduction at the end
         // (GCC reduces an `omp simd` sum lane by lane, a chain of 8 dependent adds per sum).
         using V = typename Vector32<scalar_t>::type;
         constexpr int64_t lanes = Vector32<scalar_t>::lanes;
-        V acc_y = V{} + scalar_t(0), acc_x = acc_y, acc_mask = acc_y;
+        V acc0 = V{} + scalar_t(0), acc1 = acc0, acc2 = acc0, acc3 = acc0;
         for (int64_t ch = 0; ch < Cg; ch += lanes) {
           const V v0 = load_vector<V>(p0 + ch), v1 = load_vector<V>(p1 + ch), v2 = load_vector<V>(p2 + ch),
                   v3 = load_vector<V>(p3 + ch), gch = load_vector<V>(gc + ch);
@@ -321,16 +349,18 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
           store_vector(g1 + ch, load_vector<V>(g1 + ch) + w1 * gch);
           store_vector(g2 + ch, load_vector<V>(g2 + ch) + w2 * gch);
           store_vector(g3 + ch, load_vector<V>(g3 + ch) + w3 * gch);
-          acc_y += gch * (hx * (v2 - v0) + lx * (v3 - v1));
-          acc_x += gch * (hy * (v1 - v0) + ly * (v3 - v2));
-          acc_mask += gch * (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3);
+          acc0 += gch * v0;
+          acc1 += gch * v1;
+          acc2 += gch * v2;
+          acc3 += gch * v3;
         }
-        const V sums = sum_three(acc_y, acc_x, acc_mask);
-        sum_y = sums[0];
-        sum_x = sums[1];
-        sum_mask = sums[2];
+        const V sums = sum_four(acc0, acc1, acc2, acc3);
+        d0 = sums[0];
+        d1 = sums[1];
+        d2 = sums[2];
+        d3 = sums[3];
       } else {
-#pragma omp simd reduction(+ : sum_y, sum_x, sum_mask)
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
         for (int64_t ch = 0; ch < Cg; ++ch) {
           const scalar_t v0 = p0[ch], v1 = p1[ch], v2 = p2[ch], v3 = p3[ch], gch = gc[ch];
           col[ch] = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
@@ -338,11 +368,15 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
           g1[ch] += w1 * gch;
           g2[ch] += w2 * gch;
           g3[ch] += w3 * gch;
-          sum_y += gch * (hx * (v2 - v0) + lx * (v3 - v1));
-          sum_x += gch * (hy * (v1 - v0) + ly * (v3 - v2));
-          sum_mask += gch * (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3);
+          d0 += gch * v0;
+          d1 += gch * v1;
+          d2 += gch * v2;
+          d3 += gch * v3;
         }
       }
+      const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
+      const scalar_t sum_y = hx * (d2 - d0) + lx * (d3 - d1), sum_x = hy * (d1 - d0) + ly * (d3 - d2);
+      const scalar_t sum_mask = b0 * d0 + b1 * d1 + b2 * d2 + b3 * d3;
       if (t.grad_offset) {
         t.grad_offset[off_at + 2 * plane * L] = m * sum_y;
         t.grad_offset[off_at + (2 * plane + 1) * L] = m * sum_x;
