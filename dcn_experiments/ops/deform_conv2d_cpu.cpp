@@ -110,8 +110,9 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
       const scalar_t* msk = mask ? mask + (b * G * K + plane) * L + l0 : ones;
       const int32_t dy = static_cast<int32_t>(taps.dy[k]), dx = static_cast<int32_t>(taps.dx[k]);
       TapPlan<scalar_t>& p = plans[plane];
-      // The next block's offsets and mask: the planes are 3 * G * K short streams, more than the
-      // hardware prefetcher follows (the loads below missed cache at 16-64 channels).
+      // The rows after this block's (the next block's, as a rule) in the offset and mask planes:
+      // 2 or 3 * G * K short streams, more than the hardware prefetcher follows (the loads below
+      // missed cache at 16-64 channels).
       for (int64_t a = n; a < 2 * n && l0 + a < L; a += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
         __builtin_prefetch(oy + a);
         __builtin_prefetch(ox + a);
@@ -313,15 +314,18 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
       const scalar_t m = p.mask[i];
       const scalar_t* __restrict__ gc = gcol_row + k * C + grp * Cg;
       // One pass over the channels does everything: the input gradient at the four corners, the
-      // columns, and the dot products of the column gradient with the four corners, from which the
-      // offset and mask gradients follow (the derivatives of the sample in y and x, and the sample
-      // itself, are fixed combinations of the corners).
+      // columns, and four dot products of the column gradient (with corner 0 and with the other
+      // corners' differences to it), from which the offset and mask gradients follow (the
+      // derivatives of the sample in y and x, and the sample itself, are fixed combinations of the
+      // corners).
       // Corners outside the image read zeros and add their input gradient into a scratch row.
       const scalar_t* pt[4];
       scalar_t* gpt[4];
       if (corner_pointers(g, p, i, t.image, grp * Cg, t.zero, pt) && t.grad_image) {
-        const std::ptrdiff_t to_grad = t.grad_image - t.image;  // same layout: one distance for all
-        for (int q = 0; q < 4; ++q) gpt[q] = const_cast<scalar_t*>(pt[q]) + to_grad;
+        gpt[0] = t.grad_image + static_cast<int64_t>(p.index[0][i]) * C + grp * Cg;  // the image's layout
+        gpt[1] = gpt[0] + C;
+        gpt[2] = gpt[0] + g.width * C;
+        gpt[3] = gpt[2] + C;
       } else {
         for (int q = 0; q < 4; ++q) {
           const int32_t index = p.index[q][i];
@@ -334,13 +338,16 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
       const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
       scalar_t *g0 = gpt[0], *g1 = gpt[1], *g2 = gpt[2], *g3 = gpt[3];
       scalar_t* __restrict__ col = col_row ? col_row + k * C + grp * Cg : t.scratch_columns;
-      scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+      // d0 = gcol . corner 0 and e_q = gcol . (corner q - corner 0): the differences are taken per
+      // channel, before the sums, so that a large common level of the corners (inputs with a large
+      // mean) cancels exactly instead of in the difference of two large sums.
+      scalar_t d0 = 0, e1 = 0, e2 = 0, e3 = 0;
       if (Cg % Vector32<scalar_t>::lanes == 0) {
         // Whole 32-byte vectors: the four sums stay vectors until one joint reduction at the end
         // (GCC reduces an `omp simd` sum lane by lane, a chain of 8 dependent adds per sum).
         using V = typename Vector32<scalar_t>::type;
         constexpr int64_t lanes = Vector32<scalar_t>::lanes;
-        V acc0 = V{} + scalar_t(0), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        V acc0 = V{} + scalar_t(0), acc1 = acc0, acc2 = acc0, acc3 = acc0;  // d0, e1, e2, e3
         for (int64_t ch = 0; ch < Cg; ch += lanes) {
           const V v0 = load_vector<V>(p0 + ch), v1 = load_vector<V>(p1 + ch), v2 = load_vector<V>(p2 + ch),
                   v3 = load_vector<V>(p3 + ch), gch = load_vector<V>(gc + ch);
@@ -350,17 +357,17 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
           store_vector(g2 + ch, load_vector<V>(g2 + ch) + w2 * gch);
           store_vector(g3 + ch, load_vector<V>(g3 + ch) + w3 * gch);
           acc0 += gch * v0;
-          acc1 += gch * v1;
-          acc2 += gch * v2;
-          acc3 += gch * v3;
+          acc1 += gch * (v1 - v0);
+          acc2 += gch * (v2 - v0);
+          acc3 += gch * (v3 - v0);
         }
         const V sums = sum_four(acc0, acc1, acc2, acc3);
         d0 = sums[0];
-        d1 = sums[1];
-        d2 = sums[2];
-        d3 = sums[3];
+        e1 = sums[1];
+        e2 = sums[2];
+        e3 = sums[3];
       } else {
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
+#pragma omp simd reduction(+ : d0, e1, e2, e3)
         for (int64_t ch = 0; ch < Cg; ++ch) {
           const scalar_t v0 = p0[ch], v1 = p1[ch], v2 = p2[ch], v3 = p3[ch], gch = gc[ch];
           col[ch] = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
@@ -369,14 +376,15 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
           g2[ch] += w2 * gch;
           g3[ch] += w3 * gch;
           d0 += gch * v0;
-          d1 += gch * v1;
-          d2 += gch * v2;
-          d3 += gch * v3;
+          e1 += gch * (v1 - v0);
+          e2 += gch * (v2 - v0);
+          e3 += gch * (v3 - v0);
         }
       }
       const scalar_t ly = p.ly[i], lx = p.lx[i], hy = 1 - ly, hx = 1 - lx;
-      const scalar_t sum_y = hx * (d2 - d0) + lx * (d3 - d1), sum_x = hy * (d1 - d0) + ly * (d3 - d2);
-      const scalar_t sum_mask = b0 * d0 + b1 * d1 + b2 * d2 + b3 * d3;
+      // The sample's derivatives: hx (v2 - v0) + lx (v3 - v1) in y, hy (v1 - v0) + ly (v3 - v2) in x.
+      const scalar_t sum_y = hx * e2 + lx * (e3 - e1), sum_x = hy * e1 + ly * (e3 - e2);
+      const scalar_t sum_mask = (b0 + b1 + b2 + b3) * d0 + b1 * e1 + b2 * e2 + b3 * e3;  // gcol . sample
       if (t.grad_offset) {
         t.grad_offset[off_at + 2 * plane * L] = m * sum_y;
         t.grad_offset[off_at + (2 * plane + 1) * L] = m * sum_x;
