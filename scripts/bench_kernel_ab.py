@@ -5,6 +5,8 @@ Both kernels are built side by side (the baseline under another operator namespa
 interleaved rounds on the same inputs, NCHW in, per layer shape: forward and forward+backward,
 with ``F.conv2d`` as the yardstick. Medians over rounds; compare the ratios, not the milliseconds.
 ResNet-34 shapes run at ``--batch``, U-Net shapes at ``--unet-batch`` (``--batch 1`` sets both).
+The ``resnet34_stride2`` family is the first convolution of ResNet-34's stages 2-4 (stride 2, the
+channels doubling); it is reported on its own, outside the stride-1 families' geomeans.
 
 On a machine shared with other jobs, ``--threads 1 --clock thread`` times each call by the CPU time of
 the calling thread, which other processes do not inflate (a thread waiting for a core is not
@@ -30,11 +32,14 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "dcn_experiments/ops/deform_conv2d_cpu.cpp"
-# (family, channels, spatial size): ResNet-34 stages at 32 px; U-Net levels (8-64 channels at 32-128 px),
-# the same as scripts/bench_deform.py's
-SHAPES = [("resnet34", 64, 32), ("resnet34", 128, 16), ("resnet34", 256, 8), ("resnet34", 512, 4)] + [
-    ("unet", c, s) for c, s in ((8, 128), (8, 64), (16, 64), (16, 32), (32, 32), (64, 32))
-]
+# (family, in channels, out channels, input size, stride): ResNet-34 stages at 32 px; U-Net levels
+# (8-64 channels at 32-128 px), the same as scripts/bench_deform.py's; ResNet-34's stride-2 layers
+SHAPES = (
+    [("resnet34", c, c, s, 1) for c, s in ((64, 32), (128, 16), (256, 8), (512, 4))]
+    + [("unet", c, c, s, 1) for c, s in ((8, 128), (8, 64), (16, 64), (16, 32), (32, 32), (64, 32))]
+    + [("resnet34_stride2", c, 2 * c, s, 2) for c, s in ((64, 32), (128, 16), (256, 8))]
+)
+FAMILIES = tuple(dict.fromkeys(shape[0] for shape in SHAPES))
 
 
 def build_baseline(revision: str, build_dir: Path) -> None:
@@ -59,10 +64,11 @@ def build_baseline(revision: str, build_dir: Path) -> None:
 def kernel_call(namespace: str, t: dict, backward: bool) -> None:
     """One forward (and backward, all five gradients) through the raw operators of ``namespace``."""
     ops = getattr(torch.ops, namespace)
-    out = ops.deform_conv2d_forward(t["x"], t["w"], None, t["off"], t["mask"], 1, 1, 1, 1, 1, 1, 1)
+    s = t["stride"]
+    out = ops.deform_conv2d_forward(t["x"], t["w"], None, t["off"], t["mask"], s, s, 1, 1, 1, 1, 1)
     if backward:
         grad = torch.ones_like(out)
-        ops.deform_conv2d_backward(grad, t["x"], t["w"], t["off"], t["mask"], 1, 1, 1, 1, 1, 1, 1, *[True] * 4, False)
+        ops.deform_conv2d_backward(grad, t["x"], t["w"], t["off"], t["mask"], s, s, 1, 1, 1, 1, 1, *[True] * 4, False)
 
 
 def main() -> int:
@@ -73,7 +79,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall", help="thread: CPU time, 1 thread only")
-    parser.add_argument("--family", choices=["resnet34", "unet"], help="time only this family's shapes")
+    parser.add_argument("--family", choices=FAMILIES, help="time only this family's shapes")
     parser.add_argument("--out", type=Path, default=Path("bench_kernel_ab.json"))
     args = parser.parse_args()
     if args.clock == "thread" and args.threads != 1:
@@ -87,16 +93,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as build_dir:
         build_baseline(args.baseline, Path(build_dir))
     rows = []
-    for family, channels, size in SHAPES:
+    for family, channels, out_channels, size, stride in SHAPES:
         if args.family and family != args.family:
             continue
-        batch = args.batch if family == "resnet34" or args.batch == 1 else args.unet_batch
+        batch = args.batch if family != "unet" or args.batch == 1 else args.unet_batch
         gen = torch.Generator().manual_seed(0)
+        out_size = (size - 1) // stride + 1  # 3x3, padding 1
         t = {
             "x": torch.randn(batch, channels, size, size, generator=gen),
-            "w": torch.randn(channels, channels, 3, 3, generator=gen) * 0.05,
-            "off": torch.randn(batch, 18, size, size, generator=gen) * 0.5,
-            "mask": torch.rand(batch, 9, size, size, generator=gen) * 2,
+            "w": torch.randn(out_channels, channels, 3, 3, generator=gen) * 0.05,
+            "off": torch.randn(batch, 18, out_size, out_size, generator=gen) * 0.5,
+            "mask": torch.rand(batch, 9, out_size, out_size, generator=gen) * 2,
+            "stride": stride,
         }
         contenders = {
             "baseline": lambda backward, t=t: kernel_call("dcn_baseline_cpu", t, backward),
@@ -113,17 +121,18 @@ def main() -> int:
                     fn(backward)
                     times[f"{name}_{phase}"].append(clock() - start)
         row = {"family": family, "channels": channels, "size": size, "batch": batch}
+        row |= {"out_channels": out_channels, "stride": stride}
         row |= {k: statistics.median(v) * 1e3 for k, v in times.items()}
         rows.append(row)
     header = (
-        f"{'layer':>14} | {'fwd base':>8} {'fwd now':>8} {'now/base':>8} | "
+        f"{'layer':>20} | {'fwd base':>8} {'fwd now':>8} {'now/base':>8} | "
         f"{'f+b base':>8} {'f+b now':>8} {'now/base':>8} | {'f+b now/conv':>12}"
     )
     print(f"{args.threads} threads, baseline {args.baseline}, ms ({args.clock} clock, medians of {args.rounds} rounds)")
     print(header)
     for r in rows:
         print(
-            f"{r['channels']:>4}x{r['size']:>3}px b{r['batch']:<2} | {r['baseline_fwd']:8.2f} {r['current_fwd']:8.2f} "
+            f"{_layer_name(r):>20} | {r['baseline_fwd']:8.2f} {r['current_fwd']:8.2f} "
             f"{r['current_fwd'] / r['baseline_fwd']:8.2f} | {r['baseline_fwdbwd']:8.2f} {r['current_fwdbwd']:8.2f} "
             f"{r['current_fwdbwd'] / r['baseline_fwdbwd']:8.2f} | {r['current_fwdbwd'] / r['conv2d_fwdbwd']:12.2f}"
         )
@@ -151,10 +160,15 @@ def main() -> int:
     return 0
 
 
+def _layer_name(row: dict) -> str:
+    name = f"{row['channels']}x{row['size']}px b{row['batch']}"
+    return f"{name} s2>{row['out_channels']}" if row["stride"] != 1 else name
+
+
 def _conv(t: dict, backward: bool) -> None:
     x = t["x"].detach().requires_grad_(backward)
     w = t["w"].detach().requires_grad_(backward)
-    out = F.conv2d(x, w, padding=1)
+    out = F.conv2d(x, w, stride=t["stride"], padding=1)
     if backward:
         out.backward(torch.ones_like(out))
 
