@@ -167,12 +167,13 @@ void for_planned_blocks(const Geometry& g, const scalar_t* offset, const scalar_
   }
 }
 
-// The four corners of row i of a planned tap in `image` (H, W, C), from channel `channel_at` on, into
-// pt; corners outside the image point at `zero`. True when all four are inside (most rows): then
-// they are one pixel, its right neighbour and the two below, found without the per-corner selects.
-template <typename scalar_t>
-inline bool corner_pointers(const Geometry& g, const TapPlan<scalar_t>& p, int64_t i, const scalar_t* image,
-                            int64_t channel_at, const scalar_t* zero, const scalar_t* (&pt)[4]) {
+// The four corners of row i of a planned tap in `image` (H, W, C; the input or its gradient), from
+// channel `channel_at` on, into pt; corners outside the image point at `outside` (a zero row to read,
+// a scratch row to write). When all four are inside (most rows) they are one pixel, its right
+// neighbour and the two below, found without the per-corner selects.
+template <typename scalar_t, typename T>
+inline void corner_pointers(const Geometry& g, const TapPlan<scalar_t>& p, int64_t i, T* image, int64_t channel_at,
+                            T* outside, T* (&pt)[4]) {
   const int64_t C = g.channels;
   const int32_t first = p.index[0][i], last = p.index[3][i];
   if (__builtin_expect((first | last) >= 0, 1)) {  // corners 0 and 3 inside: all four are
@@ -180,13 +181,12 @@ inline bool corner_pointers(const Geometry& g, const TapPlan<scalar_t>& p, int64
     pt[1] = pt[0] + C;
     pt[2] = pt[0] + g.width * C;
     pt[3] = pt[2] + C;
-    return true;
+    return;
   }
   for (int q = 0; q < 4; ++q) {
     const int32_t at = p.index[q][i];
-    pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + channel_at : zero;
+    pt[q] = at >= 0 ? image + static_cast<int64_t>(at) * C + channel_at : outside;
   }
-  return false;
 }
 
 // Sample row i of a planned block into dst_row, laid out (K, C); image: (H, W, C) of the block's
@@ -321,17 +321,11 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
       // Corners outside the image read zeros and add their input gradient into a scratch row.
       const scalar_t* pt[4];
       scalar_t* gpt[4];
-      if (corner_pointers(g, p, i, t.image, grp * Cg, t.zero, pt) && t.grad_image) {
-        gpt[0] = t.grad_image + static_cast<int64_t>(p.index[0][i]) * C + grp * Cg;  // the image's layout
-        gpt[1] = gpt[0] + C;
-        gpt[2] = gpt[0] + g.width * C;
-        gpt[3] = gpt[2] + C;
+      corner_pointers(g, p, i, t.image, grp * Cg, t.zero, pt);
+      if (t.grad_image) {
+        corner_pointers(g, p, i, t.grad_image, grp * Cg, t.scratch_grad, gpt);
       } else {
-        for (int q = 0; q < 4; ++q) {
-          const int32_t index = p.index[q][i];
-          gpt[q] = index >= 0 && t.grad_image ? t.grad_image + static_cast<int64_t>(index) * C + grp * Cg
-                                              : t.scratch_grad;
-        }
+        std::fill_n(gpt, 4, t.scratch_grad);
       }
       const scalar_t b0 = p.weight[0][i], b1 = p.weight[1][i], b2 = p.weight[2][i], b3 = p.weight[3][i];
       const scalar_t w0 = b0 * m, w1 = b1 * m, w2 = b2 * m, w3 = b3 * m;
