@@ -742,15 +742,19 @@ at::Tensor transpose_images(const at::Tensor& t, int64_t a, int64_t b, at::IntAr
 }
 
 // Scratch tensors that live only inside one call (the channels-last copies of the input and of
-// grad_out, the channels-last input gradient before it is transposed) are views of memory kept per
-// calling thread and reused by its next call. Fresh buffers of these sizes come from mmap and are
-// page-faulted in on every call: on the U-Net's 8ch@128 forward+backward (1 thread) the OS clearing
-// pages took ~20 % of the time. Buffers over 64 MiB are allocated per call instead.
-enum class Scratch { kInput, kGradOut, kGradInput };
+// grad_out, the channels-last input gradient before it is transposed, the weight reordered for the
+// products, the column blocks of each worker thread, the weight-gradient partials) are views of
+// memory kept per thread and reused by its next call. Fresh buffers of these sizes come from mmap and
+// are page-faulted in on every call: on the U-Net's 8ch@128 forward+backward (1 thread) the OS
+// clearing pages took ~20 % of the time, and on ResNet-34's 512ch@4 (2 threads, where the weight
+// alone is 9.4 MB) ~30 %. Buffers over 64 MiB are allocated per call instead. One slot per use, so
+// that no two tensors alive at once on one thread share memory.
+enum class Scratch { kInput, kGradOut, kGradInput, kWeight, kColumns, kGradColumns, kProduct, kWeightGrad, kCount };
 
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& options) {
-  thread_local std::array<c10::DataPtr, 3> kept;
-  thread_local std::array<size_t, 3> kept_bytes{};
+  constexpr size_t kSlots = static_cast<size_t>(Scratch::kCount);
+  thread_local std::array<c10::DataPtr, kSlots> kept;
+  thread_local std::array<size_t, kSlots> kept_bytes{};
   const size_t bytes = c10::multiply_integers(shape) * options.dtype().itemsize();
   if (bytes > (size_t(64) << 20)) return at::empty(shape, options);
   const auto i = static_cast<size_t>(slot);
@@ -761,16 +765,38 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions&
   return at::from_blob(kept[i].get(), shape, options);  // no owner: valid until this thread's next call
 }
 
-// Weight (O, C/g, kh, kw) as (g, O/g, K*C/g), matching the column layout (k, c) of each group.
+// Weight (O, C/g, kh, kw) as (g, O/g, K*C/g), matching the column layout (k, c) of each group; in
+// the calling thread's kWeight scratch.
 at::Tensor weight_matrix(const at::Tensor& weight, int64_t groups) {
   const int64_t O = weight.size(0), Cg = weight.size(1), K = weight.size(2) * weight.size(3);
-  return transpose_images(weight.contiguous(), Cg, K, {O, K, Cg}).view({groups, O / groups, K * Cg});
+  auto result = scratch(Scratch::kWeight, {O, K, Cg}, weight.options());
+  transpose_images_into(weight.contiguous(), Cg, K, result);
+  return result.view({groups, O / groups, K * Cg});
 }
 
-// Weight (O, C, kh, kw) of one weight group as (K*C, O): the B operand of the forward's products.
+// Weight (O, C, kh, kw) of one weight group as (K*C, O), the B operand of the forward's products;
+// in the calling thread's kWeight scratch. One pass over the weight: blocks of 16 outputs, whose
+// rows are read once and whose 16 values in each result row fill one 64-byte line.
 at::Tensor weight_by_output(const at::Tensor& weight) {
-  const int64_t O = weight.size(0), depth = weight.size(1) * weight.size(2) * weight.size(3);
-  return transpose_images(weight_matrix(weight, 1), O, depth, {1, depth, O}).view({depth, O});
+  const at::Tensor w = weight.contiguous();
+  const int64_t O = w.size(0), C = w.size(1), K = w.size(2) * w.size(3);
+  auto result = scratch(Scratch::kWeight, {K * C, O}, w.options());
+  constexpr int64_t kOutputs = 16;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "dcn_weight_by_output", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = result.data_ptr<scalar_t>();
+    at::parallel_for(0, (O + kOutputs - 1) / kOutputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t o0 = begin * kOutputs; o0 < std::min(O, end * kOutputs); o0 += kOutputs) {
+        const int64_t o1 = std::min(O, o0 + kOutputs);
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t o = o0; o < o1; ++o) dst[(k * C + c) * O + o] = src[(o * C + c) * K + k];
+          }
+        }
+      }
+    });
+  });
+  return result;
 }
 
 // (N, C, H, W) -> contiguous (N, H, W, C): a view of a channels-last tensor, else a copy into `slot`.
@@ -781,12 +807,13 @@ at::Tensor channels_last_rows(const at::Tensor& t, Scratch slot) {
   return rows;
 }
 
-// A (r, c) matrix with unit row stride (a transposed view) as a contiguous copy, on this thread.
+// A (r, c) matrix with unit row stride (a transposed view) as a contiguous copy in this thread's
+// kProduct scratch.
 template <typename scalar_t>
 at::Tensor contiguous_block(const at::Tensor& m) {
   if (m.is_contiguous()) return m;
   TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.stride(0) == 1);
-  auto result = at::empty({m.size(0), m.size(1)}, m.options());
+  auto result = scratch(Scratch::kProduct, {m.size(0), m.size(1)}, m.options());
   transpose_into(m.data_ptr<scalar_t>(), m.size(1), m.size(0), m.stride(1), result.data_ptr<scalar_t>(), m.size(1));
   return result;
 }
@@ -989,7 +1016,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const at::Tensor bias_column = has_bias ? bias->view({groups, Og, 1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
     const auto run_block = [&](int64_t row0, int64_t rows) {
-      auto cols = at::empty({rows, K * C}, input.options());
+      auto cols = scratch(Scratch::kColumns, {rows, K * C}, input.options());
       sample_rows<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                             has_mask ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), row0,
                             rows, cols.data_ptr<scalar_t>());
@@ -999,7 +1026,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
         if (has_bias) dst.add_(bias_column);
         return;
       }
-      auto dst = nhwc_out ? out_rows.narrow(0, row0, rows) : at::empty({rows, O}, input.options());
+      auto dst = nhwc_out ? out_rows.narrow(0, row0, rows) : scratch(Scratch::kProduct, {rows, O}, input.options());
       if (groups == 1) {
         multiply_rows<scalar_t>(rows, O, K * C, cols.data_ptr<scalar_t>(), K * C, weight_kc.data_ptr<scalar_t>(), O,
                                 dst.data_ptr<scalar_t>(), O, false);
@@ -1095,12 +1122,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         auto grad_grouped = planes_direct  // (g, rows, O/g)
                                 ? grad_planes[row0 / L].narrow(2, row0 % L, rows).transpose(1, 2)
                                 : grad_rows.narrow(0, row0, rows).view({rows, groups, Og}).transpose(0, 1);
-        at::Tensor cols = need_weight ? at::empty({rows, K * C}, opts) : at::Tensor();
+        at::Tensor cols = need_weight ? scratch(Scratch::kColumns, {rows, K * C}, opts) : at::Tensor();
         if (need_scatter) {
           at::Tensor grad_cols;
           if (groups == 1) {  // (rows, K*C) = grad (rows, O) x W (O, K*C)
             const at::Tensor grad_block = contiguous_block<scalar_t>(grad_grouped[0]);
-            grad_cols = at::empty({rows, K * C}, opts);
+            grad_cols = scratch(Scratch::kGradColumns, {rows, K * C}, opts);
             multiply_rows<scalar_t>(rows, K * C, O, grad_block.data_ptr<scalar_t>(), O, wmat.data_ptr<scalar_t>(), K * C,
                                     grad_cols.data_ptr<scalar_t>(), K * C, false);
           } else {
@@ -1143,17 +1170,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         });
         return;
       }
-      at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+      // One chunk of images per thread (cut as at::parallel_for cuts a range), each with its
+      // weight-gradient partial in one scratch of the calling thread.
+      const int64_t chunks = std::min<int64_t>(g.batch, at::get_num_threads());
+      const int64_t per_chunk = (g.batch + chunks - 1) / chunks;
+      const at::Tensor chunk_partials =
+          need_weight ? scratch(Scratch::kWeightGrad, {chunks, groups, Og, K * Cg}, opts) : at::Tensor();
+      at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
         at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
-        at::Tensor local_gw = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
-        for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
-          process(row0, rows, local_gw, need_input ? grad_input.data_ptr<scalar_t>() : nullptr);
-        });
-        if (need_weight) {
-          std::lock_guard<std::mutex> guard(partials_lock);
-          partials.emplace(b_begin, local_gw);
+        for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
+          at::Tensor local_gw = need_weight ? chunk_partials[chunk].zero_() : at::Tensor();
+          const int64_t b_begin = std::min(g.batch, chunk * per_chunk), b_end = std::min(g.batch, b_begin + per_chunk);
+          for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
+            process(row0, rows, local_gw, need_input ? grad_input.data_ptr<scalar_t>() : nullptr);
+          });
         }
       });
+      for (int64_t chunk = 0; chunk < chunks && need_weight; ++chunk) partials.emplace(chunk, chunk_partials[chunk]);
     });
     for (auto& entry : input_partials) grad_input.add_(entry.second);
     for (auto& entry : partials) {
