@@ -123,6 +123,42 @@ def test_noncontiguous_inputs() -> None:
     torch.testing.assert_close(deform_conv2d(*args[:4], *args[4:]), torchvision_ops.deform_conv2d(*args[:4], *args[4:]))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["unet_like", "wide_image", "groups"])
+def test_offsets_and_mask_sliced_from_one_tensor_or_expanded(name: str, path: str) -> None:
+    """DCNv2 predicts offsets and mask as one tensor and splits it by channel: the kernel reads such
+    slices (and a mask expanded over the batch) in place, with the values and gradients of the same
+    call on contiguous copies, bit for bit."""
+    x, offset, weight, bias, s, p, d, mask = _inputs(CASES[name], torch.float32, seed=5)
+    n, taps = offset.shape[0], mask.shape[1]
+    predicted = torch.cat([offset, mask], dim=1)
+    shared_mask = mask[:1]
+
+    def run(contiguous: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaf = predicted.clone().requires_grad_()
+        mask_leaf = shared_mask.clone().requires_grad_()
+        sliced_offset, sliced_mask = leaf.split([2 * taps, taps], dim=1)
+        expanded_mask = mask_leaf.expand(n, -1, -1, -1)
+        if contiguous:
+            sliced_offset, sliced_mask, expanded_mask = (
+                t.contiguous() for t in (sliced_offset, sliced_mask, expanded_mask)
+            )
+        else:
+            assert not sliced_offset.is_contiguous() and not sliced_mask.is_contiguous()
+        with kernel_path(path, n):
+            out = deform_conv2d(x, sliced_offset, weight, bias, s, p, d, sliced_mask)
+            out_shared = deform_conv2d(x, sliced_offset.detach(), weight, bias, s, p, d, expanded_mask)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        ((out + out_shared) * weights).sum().backward()
+        return torch.stack([out.detach(), out_shared.detach()]), [leaf.grad, mask_leaf.grad]
+
+    in_place, in_place_grads = run(contiguous=False)
+    copied, copied_grads = run(contiguous=True)
+    assert torch.equal(in_place, copied)
+    for a, b in zip(in_place_grads, copied_grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("channels", [12, 16, 64])
 def test_offset_gradient_keeps_float32_precision_on_inputs_with_a_large_mean(channels: int) -> None:
     """The offset gradient is a sum over channels of differences between neighbouring pixels. On

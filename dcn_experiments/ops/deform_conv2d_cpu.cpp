@@ -39,6 +39,9 @@ struct Geometry {
   int64_t out_channels, weight_groups, offset_groups;
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t out_h, out_w;
+  // Distance between images in the offset and mask tensors the kernels read: their planes are read
+  // in place, so the images may lie apart (see readable_planes).
+  int64_t offset_batch_stride = 0, mask_batch_stride = 0;
   int64_t kernel_size() const { return kernel_h * kernel_w; }
   int64_t out_size() const { return out_h * out_w; }
   int64_t channels_per_offset_group() const { return channels / offset_groups; }
@@ -105,9 +108,9 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
   for (int64_t grp = 0; grp < G; ++grp) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t plane = grp * K + k;
-      const scalar_t* oy = offset + (b * G * K * 2 + 2 * plane) * L + l0;
+      const scalar_t* oy = offset + b * g.offset_batch_stride + 2 * plane * L + l0;
       const scalar_t* ox = oy + L;
-      const scalar_t* msk = mask ? mask + (b * G * K + plane) * L + l0 : ones;
+      const scalar_t* msk = mask ? mask + b * g.mask_batch_stride + plane * L + l0 : ones;
       const int32_t dy = static_cast<int32_t>(taps.dy[k]), dx = static_cast<int32_t>(taps.dx[k]);
       TapPlan<scalar_t>& p = plans[plane];
       // The rows after this block's (the next block's, as a rule) in the offset and mask planes:
@@ -150,8 +153,8 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
 
 // Plan the rows [row0, row0 + rows) block by block (blocks of at most kPlanRows rows inside one
 // image) and call body(b, r, n) for each: image b, rows [r, r + n) relative to row0, plans filled.
-// offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's contiguous NCHW tensors
-// read in place.
+// offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's NCHW tensors read in
+// place, images g.offset_batch_stride and g.mask_batch_stride apart.
 template <typename scalar_t, typename Body>
 void for_planned_blocks(const Geometry& g, const scalar_t* offset, const scalar_t* mask, int64_t row0, int64_t rows,
                         const Body& body) {
@@ -591,6 +594,15 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const 
   return g;
 }
 
+// An (N, P, H, W) offset or mask tensor as the kernels read it: in place when each image's planes are
+// contiguous, whatever the distance between images (a channel slice of a larger tensor, as DCNv2's
+// split of one predicted tensor into offsets and mask gives: its copy cost a pass over the offsets
+// in every forward and backward), else a contiguous copy. Its stride(0) is the distance to read at.
+at::Tensor readable_planes(const at::Tensor& t) {
+  if (t.size(0) > 0 && t.select(0, 0).is_contiguous()) return t;
+  return t.contiguous();
+}
+
 // Rows per block: about 1 MiB of columns (stays in L2 between sampling and the GEMM), but at
 // least 256 rows so that the weight matrix is streamed a few times only for wide layers.
 int64_t block_rows(const Geometry& g, int64_t element_size) {
@@ -952,8 +964,8 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
                                  const c10::optional<at::Tensor>& mask_, int64_t stride_h,
                                  int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                  int64_t dil_w, int64_t offset_groups) {
-  const Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                   dil_w, offset_groups);
+  Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                             offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
   const int64_t groups = g.weight_groups, Og = O / groups;
   const bool inference = c10::InferenceMode::is_enabled();
@@ -965,9 +977,11 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const auto as_nchw_view = [&](const at::Tensor& t) { return nhwc_out ? t.permute({0, 3, 1, 2}) : t; };
   if (g.batch == 0) return as_nchw_view(out);
   const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor offset = readable_planes(offset_);
   const bool has_mask = mask_.has_value() && mask_->defined();
-  const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
+  const at::Tensor mask = has_mask ? readable_planes(*mask_) : at::Tensor();
+  g.offset_batch_stride = offset.stride(0);
+  g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor zero = at::zeros({C}, input.options());  // the value of corners outside the image
   if (use_narrow_kernels(g)) {
@@ -1063,8 +1077,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
     int64_t offset_groups, bool need_input, bool need_offset, bool need_mask, bool need_weight,
     bool need_bias) {
-  const Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                   dil_w, offset_groups);
+  Geometry g = make_geometry(input_, weight, offset_, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                             offset_groups);
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels, O = g.out_channels;
   const int64_t groups = g.weight_groups, G = offset_groups, Og = O / groups, Cg = C / groups;
   const bool has_mask = mask_.has_value() && mask_->defined();
@@ -1087,8 +1101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   if (g.batch > 0 && (need_scatter || need_weight)) {
     const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-    const at::Tensor offset = offset_.contiguous();
-    const at::Tensor mask = has_mask ? mask_->contiguous() : at::Tensor();
+    const at::Tensor offset = readable_planes(offset_);
+    const at::Tensor mask = has_mask ? readable_planes(*mask_) : at::Tensor();
+    g.offset_batch_stride = offset.stride(0);
+    g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
     const at::Tensor zero = at::zeros({C}, opts);
     // The scatter pass holds the columns and their gradient at once: half the forward's blocks
