@@ -761,7 +761,18 @@ at::Tensor transpose_images(const at::Tensor& t, int64_t a, int64_t b, at::IntAr
 // clearing pages took ~20 % of the time, and on ResNet-34's 512ch@4 (2 threads, where the weight
 // alone is 9.4 MB) ~30 %. Buffers over 64 MiB are allocated per call instead. One slot per use, so
 // that no two tensors alive at once on one thread share memory.
-enum class Scratch { kInput, kGradOut, kGradInput, kWeight, kColumns, kGradColumns, kProduct, kWeightGrad, kCount };
+enum class Scratch {
+  kInput,
+  kGradOut,
+  kGradInput,
+  kWeight,
+  kColumns,
+  kColumnsByChannel,
+  kGradColumns,
+  kProduct,
+  kWeightGrad,
+  kCount
+};
 
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& options) {
   constexpr size_t kSlots = static_cast<size_t>(Scratch::kCount);
@@ -924,8 +935,8 @@ void forward_by_output_channels(const Geometry& g, const at::Tensor& input, cons
   for (int64_t b = 0; b < g.batch; ++b) {
     for (int64_t l0 = 0; l0 < L; l0 += piece) {
       const int64_t rows = std::min(piece, L - l0), row0 = b * L + l0;
-      auto cols = at::empty({rows, K * C}, input.options());
-      auto cols_t = at::empty({C * K, rows}, input.options());  // (c, k) order, as the weight's
+      auto cols = scratch(Scratch::kColumns, {rows, K * C}, input.options());
+      auto cols_t = scratch(Scratch::kColumnsByChannel, {C * K, rows}, input.options());  // (c, k), as the weight
       sample_rows_parallel<scalar_t>(g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                                      mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(),
                                      row0, rows, cols.data_ptr<scalar_t>());
@@ -936,7 +947,7 @@ void forward_by_output_channels(const Geometry& g, const at::Tensor& input, cons
         }
       });
       // NHWC output: the threads' (O, rows) products go through a scratch and are transposed.
-      auto product = nhwc_out ? at::empty({O, rows}, input.options()) : at::Tensor();
+      auto product = nhwc_out ? scratch(Scratch::kProduct, {O, rows}, input.options()) : at::Tensor();
       scalar_t* dst = nhwc_out ? product.data_ptr<scalar_t>() : out_data + b * O * L + l0;
       const int64_t ld_dst = nhwc_out ? rows : L;
       at::parallel_for(0, O, (O + threads - 1) / threads, [&](int64_t o_begin, int64_t o_end) {
