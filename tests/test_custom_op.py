@@ -58,6 +58,25 @@ def test_opcheck_backward_op_with_partial_output_mask() -> None:
     assert [tuple(g.shape) for g in grads] == [(0,), tuple(offset.shape), tuple(weight.shape), (0,), tuple(mask.shape)]
 
 
+def test_opcheck_with_offsets_and_mask_sliced_from_a_channels_last_prediction() -> None:
+    """A channels-last model's DCNv2 layer splits offsets and mask from one channels-last prediction:
+    the real kernels give their gradients in the layout the fake kernel promises (channels-last),
+    so that the prediction's gradient is channels-last without a copy."""
+    x, offset, weight, bias, mask, s, p, d = _op_args(GEOMETRIES["groups_and_offset_groups"])
+    taps = mask.shape[1]
+    predicted = torch.cat([offset, mask], dim=1).contiguous(memory_format=torch.channels_last)
+    offset, mask = predicted.detach().split([2 * taps, taps], dim=1)
+    x = x.detach().contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 6, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    args = (grad_out, x, offset, weight.detach(), bias.detach(), mask, s, p, d, [True] * 5)
+    result = torch.library.opcheck(BACKWARD_OP, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result
+    leaf = predicted.detach().requires_grad_()
+    sliced_offset, sliced_mask = leaf.split([2 * taps, taps], dim=1)
+    OP(x, sliced_offset, weight.detach(), bias.detach(), sliced_mask, s, p, d).sum().backward()
+    assert leaf.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_opcheck_passes_on_the_reference_fallback(monkeypatch) -> None:
     """Without the C++ kernel the CPU kernel serves the reference (its backward through torch.func)."""
     small = (4, 4, 5, 5, 3, 1, 1, 1, 2, 2, True)

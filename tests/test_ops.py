@@ -123,16 +123,19 @@ def test_noncontiguous_inputs() -> None:
     torch.testing.assert_close(deform_conv2d(*args[:4], *args[4:]), torchvision_ops.deform_conv2d(*args[:4], *args[4:]))
 
 
+@pytest.mark.parametrize("layout", ["planes", "channels_last"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["unet_like", "wide_image", "groups"])
-def test_offsets_and_mask_sliced_from_one_tensor_or_expanded(name: str, path: str) -> None:
+def test_offsets_and_mask_sliced_from_one_tensor_or_expanded(name: str, path: str, layout: str) -> None:
     """DCNv2 predicts offsets and mask as one tensor and splits it by channel: the kernel reads such
-    slices (and a mask expanded over the batch) in place, with the values and gradients of the same
-    call on contiguous copies, bit for bit."""
+    slices (and a mask expanded over the batch) in place, or transposes them per image when they
+    come from a channels-last model, with the values and gradients of the same call on contiguous
+    copies, bit for bit."""
     x, offset, weight, bias, s, p, d, mask = _inputs(CASES[name], torch.float32, seed=5)
     n, taps = offset.shape[0], mask.shape[1]
-    predicted = torch.cat([offset, mask], dim=1)
-    shared_mask = mask[:1]
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    predicted = torch.cat([offset, mask], dim=1).contiguous(memory_format=memory_format)
+    shared_mask = mask[:1].contiguous(memory_format=memory_format)
 
     def run(contiguous: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaf = predicted.clone().requires_grad_()

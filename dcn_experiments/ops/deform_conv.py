@@ -251,6 +251,17 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def gradient_format_of(tensor: Tensor) -> torch.memory_format:
+    """The memory format of ``tensor``'s gradient: ``channels_last`` also for a tensor whose channels
+    are innermost without being a whole channels-last tensor, such as the offsets and mask that a
+    channels-last model's DCNv2 layer splits from one prediction (their gradients then join the
+    prediction's channels-last gradient without a copy). The C++ kernel's ``gradient_like`` follows
+    the same rule."""
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.shape[1] > 1 and tensor.stride(1) == 1:
+        return torch.channels_last
+    return memory_format_of(tensor)
+
+
 def deform_conv2d_reference(
     input: Tensor,
     offset: Tensor,
@@ -342,11 +353,11 @@ def _cast(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor |
 
 
 def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor:
-    """A gradient in ``like``'s dtype (contiguous; ``grad_input`` in the input's memory format), or an
+    """A gradient in ``like``'s dtype and :func:`gradient_format_of` ``like``, or an
     empty placeholder where none was asked for (a custom op's outputs cannot be None)."""
     if not needed or like is None or grad is None:
         return like.new_empty(0) if like is not None else torch.empty(0)
-    return grad.to(like.dtype).contiguous(memory_format=memory_format_of(like))
+    return grad.to(like.dtype).contiguous(memory_format=gradient_format_of(like))
 
 
 def _needed(output_mask: Sequence[bool], bias: Tensor | None, mask: Tensor | None) -> tuple[bool, ...]:
@@ -633,7 +644,7 @@ def _deform_conv2d_backward_fake(grad_out, input, offset, weight, bias, mask, st
     need = _needed(output_mask, bias, mask)
     like = (input, offset, weight, bias, mask)
     return tuple(
-        (t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t)) if n else t.new_empty(0))
+        (t.new_empty(t.shape).contiguous(memory_format=gradient_format_of(t)) if n else t.new_empty(0))
         if t is not None
         else input.new_empty(0)
         for t, n in zip(like, need, strict=True)

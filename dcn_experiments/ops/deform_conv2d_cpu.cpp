@@ -42,6 +42,10 @@ struct Geometry {
   // Distance between images in the offset and mask tensors the kernels read: their planes are read
   // in place, so the images may lie apart (see readable_planes).
   int64_t offset_batch_stride = 0, mask_batch_stride = 0;
+  // Where the backward writes the offset and mask gradients, (N, P, L) per image: planes (channel
+  // stride L, pixel stride 1) or, for offsets from a channels-last model, pixels (1, P).
+  int64_t grad_offset_channel_stride = 0, grad_offset_pixel_stride = 1;
+  int64_t grad_mask_channel_stride = 0, grad_mask_pixel_stride = 1;
   int64_t kernel_size() const { return kernel_h * kernel_w; }
   int64_t out_size() const { return out_h * out_w; }
   int64_t channels_per_offset_group() const { return channels / offset_groups; }
@@ -309,7 +313,9 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
                                 int64_t b, int64_t l, int64_t i, const scalar_t* gcol_row, scalar_t* col_row) {
   const int64_t L = g.out_size(), K = g.kernel_size(), C = g.channels;
   const int64_t G = g.offset_groups, Cg = CG ? CG : g.channels_per_offset_group();
-  const int64_t off_at = b * G * K * 2 * L + l, msk_at = b * G * K * L + l;  // (N, G, K, [2,] L)
+  const int64_t off_at = b * G * K * 2 * L + l * g.grad_offset_pixel_stride;  // (N, G * K * 2, L)
+  const int64_t msk_at = b * G * K * L + l * g.grad_mask_pixel_stride;          // (N, G * K, L)
+  const int64_t off_channel = g.grad_offset_channel_stride, msk_channel = g.grad_mask_channel_stride;
   for (int64_t grp = 0; grp < G; ++grp) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t plane = grp * K + k;
@@ -383,10 +389,10 @@ inline void scatter_planned_row(const Geometry& g, const TapPlan<scalar_t>* plan
       const scalar_t sum_y = hx * e2 + lx * (e3 - e1), sum_x = hy * e1 + ly * (e3 - e2);
       const scalar_t sum_mask = (b0 + b1 + b2 + b3) * d0 + b1 * e1 + b2 * e2 + b3 * e3;  // gcol . sample
       if (t.grad_offset) {
-        t.grad_offset[off_at + 2 * plane * L] = m * sum_y;
-        t.grad_offset[off_at + (2 * plane + 1) * L] = m * sum_x;
+        t.grad_offset[off_at + 2 * plane * off_channel] = m * sum_y;
+        t.grad_offset[off_at + (2 * plane + 1) * off_channel] = m * sum_x;
       }
-      if (t.grad_mask) t.grad_mask[msk_at + plane * L] = sum_mask;
+      if (t.grad_mask) t.grad_mask[msk_at + plane * msk_channel] = sum_mask;
     }
   }
 }
@@ -588,19 +594,11 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const 
   g.dil_w = dil_w;
   g.out_h = offset.size(2);
   g.out_w = offset.size(3);
+  g.grad_offset_channel_stride = g.grad_mask_channel_stride = g.out_h * g.out_w;
   // The sampling plans hold pixel indices (y * W + x) in int32.
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 30), "deform_conv2d: the CPU kernel takes images of fewer than 2^30 ",
               "pixels, got ", g.height, "x", g.width);
   return g;
-}
-
-// An (N, P, H, W) offset or mask tensor as the kernels read it: in place when each image's planes are
-// contiguous, whatever the distance between images (a channel slice of a larger tensor, as DCNv2's
-// split of one predicted tensor into offsets and mask gives: its copy cost a pass over the offsets
-// in every forward and backward), else a contiguous copy. Its stride(0) is the distance to read at.
-at::Tensor readable_planes(const at::Tensor& t) {
-  if (t.size(0) > 0 && t.select(0, 0).is_contiguous()) return t;
-  return t.contiguous();
 }
 
 // Rows per block: about 1 MiB of columns (stays in L2 between sampling and the GEMM), but at
@@ -771,6 +769,8 @@ enum class Scratch {
   kGradColumns,
   kProduct,
   kWeightGrad,
+  kOffset,
+  kMask,
   kCount
 };
 
@@ -828,6 +828,41 @@ at::Tensor channels_last_rows(const at::Tensor& t, Scratch slot) {
   auto rows = scratch(slot, {t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
   transpose_images_into(t, t.size(1), t.size(2) * t.size(3), rows);
   return rows;
+}
+
+// An (N, P, H, W) offset or mask tensor as the kernels read it, per image P contiguous planes; its
+// stride(0) is the distance between images. In place when each image's planes are contiguous,
+// whatever the distance between images: a channel slice of a larger tensor, as DCNv2's split of one
+// predicted tensor into offsets and mask gives (a copy cost a pass over the offsets in every forward
+// and backward). Channels-last tensors, and channel slices of them (a channels-last model's offsets),
+// are transposed per image into `slot` (ATen's strided copy of these cost about a third of the
+// deformable op's own time in a channels-last U-Net). Anything else: a contiguous copy.
+at::Tensor readable_planes(const at::Tensor& t, Scratch slot) {
+  if (t.size(0) == 0 || t.select(0, 0).is_contiguous()) return t;
+  const int64_t P = t.size(1), H = t.size(2), W = t.size(3), pixel_stride = t.stride(3);
+  const bool pixel_rows = t.stride(1) == 1 && pixel_stride >= P && t.stride(2) == W * pixel_stride;
+  if (!pixel_rows) return t.contiguous();
+  auto planes = scratch(slot, {t.size(0), P, H, W}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dcn_readable_planes", [&] {
+    const scalar_t* from = t.data_ptr<scalar_t>();
+    scalar_t* to = planes.data_ptr<scalar_t>();
+    at::parallel_for(0, t.size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        transpose_into(from + n * t.stride(0), H * W, P, pixel_stride, to + n * P * H * W, H * W);
+      }
+    });
+  });
+  return planes;
+}
+
+// An empty gradient for an offset or mask tensor: channels-last for a tensor whose channels are
+// innermost (a channels-last model's offsets and mask, sliced from one prediction), so that it joins
+// that prediction's channels-last gradient without a copy; planes otherwise. The same rule as
+// gradient_format_of in deform_conv.py, which the op's fake kernel follows.
+at::Tensor gradient_like(const at::Tensor& t, const at::TensorOptions& options) {
+  const bool channels_innermost = !t.is_contiguous() && t.size(1) > 1 && t.stride(1) == 1;
+  return at::empty(t.sizes(), options.memory_format(channels_innermost ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous));
 }
 
 // A (r, c) matrix with unit row stride (a transposed view) as a contiguous copy in this thread's
@@ -988,9 +1023,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const auto as_nchw_view = [&](const at::Tensor& t) { return nhwc_out ? t.permute({0, 3, 1, 2}) : t; };
   if (g.batch == 0) return as_nchw_view(out);
   const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-  const at::Tensor offset = readable_planes(offset_);
+  const at::Tensor offset = readable_planes(offset_, Scratch::kOffset);
   const bool has_mask = mask_.has_value() && mask_->defined();
-  const at::Tensor mask = has_mask ? readable_planes(*mask_) : at::Tensor();
+  const at::Tensor mask = has_mask ? readable_planes(*mask_, Scratch::kMask) : at::Tensor();
   g.offset_batch_stride = offset.stride(0);
   g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
   const bool has_bias = bias.has_value() && bias->defined();
@@ -1104,16 +1139,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                          : scratch(Scratch::kGradInput, {g.batch, g.height, g.width, C}, opts);
     grad_input.zero_();
   }
-  at::Tensor grad_offset = need_offset ? at::empty({g.batch, G * K * 2, g.out_h, g.out_w}, opts) : at::Tensor();
-  at::Tensor grad_mask = need_mask ? at::empty({g.batch, G * K, g.out_h, g.out_w}, opts) : at::Tensor();
+  at::Tensor grad_offset = need_offset ? gradient_like(offset_, opts) : at::Tensor();
+  at::Tensor grad_mask = need_mask ? gradient_like(*mask_, opts) : at::Tensor();
+  if (need_offset && grad_offset.stride(1) == 1) {
+    g.grad_offset_channel_stride = 1;
+    g.grad_offset_pixel_stride = grad_offset.size(1);
+  }
+  if (need_mask && grad_mask.stride(1) == 1) {
+    g.grad_mask_channel_stride = 1;
+    g.grad_mask_pixel_stride = grad_mask.size(1);
+  }
   at::Tensor grad_wmat;  // (g, O/g, K*Cg): the first chunk's partial, then the others added in order
   at::Tensor grad_bias = need_bias ? grad_out_.sum({0, 2, 3}) : at::Tensor();
   const bool need_scatter = need_input || need_offset || need_mask;
 
   if (g.batch > 0 && (need_scatter || need_weight)) {
     const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-    const at::Tensor offset = readable_planes(offset_);
-    const at::Tensor mask = has_mask ? readable_planes(*mask_) : at::Tensor();
+    const at::Tensor offset = readable_planes(offset_, Scratch::kOffset);
+    const at::Tensor mask = has_mask ? readable_planes(*mask_, Scratch::kMask) : at::Tensor();
     g.offset_batch_stride = offset.stride(0);
     g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
