@@ -75,6 +75,13 @@ def test_opcheck_with_offsets_and_mask_sliced_from_a_channels_last_prediction() 
     sliced_offset, sliced_mask = leaf.split([2 * taps, taps], dim=1)
     OP(x, sliced_offset, weight.detach(), bias.detach(), sliced_mask, s, p, d).sum().backward()
     assert leaf.grad.is_contiguous(memory_format=torch.channels_last)
+    # the C++ kernel itself writes them channels-last (no copy in the op's Python wrapper)
+    if module.cpu_extension_available():
+        raw = torch.ops.dcn_experiments_cpu.deform_conv2d_backward(
+            grad_out, x, weight.detach(), offset, mask, *s, *p, *d, 4, True, True, True, True, True
+        )
+        assert raw[1].is_contiguous(memory_format=torch.channels_last) and not raw[1].is_contiguous()
+        assert raw[2].is_contiguous(memory_format=torch.channels_last) and not raw[2].is_contiguous()
 
 
 def test_opcheck_passes_on_the_reference_fallback(monkeypatch) -> None:

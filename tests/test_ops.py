@@ -42,6 +42,9 @@ CASES = {
     # multiplies the weight in place by the transposed columns
     "few_rows": (2, 8, 48, 3, 3, 3, 1, 1, 1, 1, 1, True, 1.0),
     "deep_rows": (2, 64, 40, 9, 9, 3, 1, 1, 1, 1, 1, True, 1.0),
+    # 9 images on 4 threads: the backward's chunks of images (3 of 3, none empty) and their
+    # weight-gradient partials summed in order
+    "nine_images": (9, 8, 8, 6, 6, 3, 1, 1, 1, 1, 1, True, 1.0),
 }
 
 # The C++ kernel splits work by image when there are at least two images per thread and by rows
@@ -123,7 +126,7 @@ def test_noncontiguous_inputs() -> None:
     torch.testing.assert_close(deform_conv2d(*args[:4], *args[4:]), torchvision_ops.deform_conv2d(*args[:4], *args[4:]))
 
 
-@pytest.mark.parametrize("layout", ["planes", "channels_last"])
+@pytest.mark.parametrize("layout", ["planes", "channels_last", "transposed"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["unet_like", "wide_image", "groups"])
 def test_offsets_and_mask_sliced_from_one_tensor_or_expanded(name: str, path: str, layout: str) -> None:
@@ -133,9 +136,14 @@ def test_offsets_and_mask_sliced_from_one_tensor_or_expanded(name: str, path: st
     copies, bit for bit."""
     x, offset, weight, bias, s, p, d, mask = _inputs(CASES[name], torch.float32, seed=5)
     n, taps = offset.shape[0], mask.shape[1]
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    predicted = torch.cat([offset, mask], dim=1).contiguous(memory_format=memory_format)
-    shared_mask = mask[:1].contiguous(memory_format=memory_format)
+
+    def laid_out(t: torch.Tensor) -> torch.Tensor:
+        if layout == "transposed":  # rows and columns swapped in memory: read through a copy
+            return t.transpose(2, 3).contiguous().transpose(2, 3)
+        return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+    predicted = laid_out(torch.cat([offset, mask], dim=1))
+    shared_mask = laid_out(mask[:1])
 
     def run(contiguous: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaf = predicted.clone().requires_grad_()
@@ -373,15 +381,32 @@ def test_reused_scratch_across_modes_and_shapes(path: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["large_image", "nine_images"])
 @pytest.mark.parametrize("path", PATHS)
-def test_gradients_are_bitwise_reproducible(path: str) -> None:
+def test_gradients_are_bitwise_reproducible(path: str, name: str) -> None:
     """Same inputs, same threads -> identical bits (exact resume needs it), on both kernel paths."""
-    args = _inputs(CASES["large_image"], torch.float32, seed=3)
+    args = _inputs(CASES[name], torch.float32, seed=3)
     with kernel_path(path, args[0].shape[0]):
         first = _values_and_grads(deform_conv2d, *args)
         second = _values_and_grads(deform_conv2d, *args)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_op_under_inference_mode(path: str) -> None:
+    """The raw backward called under inference_mode (its worker threads do not inherit the mode)
+    gives the bits it gives outside."""
+    x, offset, weight, _, s, p, d, mask = _inputs(CASES["nine_images"], torch.float32, seed=7)
+    grad_out = torch.randn(9, 8, 6, 6)
+    backward = torch.ops.dcn_experiments_cpu.deform_conv2d_backward
+    args = (grad_out, x, weight, offset, mask, *s, *p, *d, 1, True, True, True, True, True)
+    with kernel_path(path, 9):
+        plain = backward(*args)
+        with torch.inference_mode():
+            inferred = backward(*args)
+    for a, b in zip(plain, inferred, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_reference_matches_torchvision() -> None:

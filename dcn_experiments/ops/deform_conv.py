@@ -251,15 +251,20 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def gradient_format_of(tensor: Tensor) -> torch.memory_format:
-    """The memory format of ``tensor``'s gradient: ``channels_last`` also for a tensor whose channels
-    are innermost without being a whole channels-last tensor, such as the offsets and mask that a
-    channels-last model's DCNv2 layer splits from one prediction (their gradients then join the
-    prediction's channels-last gradient without a copy). The C++ kernel's ``gradient_like`` follows
-    the same rule."""
+def offset_gradient_format_of(tensor: Tensor) -> torch.memory_format:
+    """The memory format of an offset or mask tensor's gradient: ``channels_last`` also for a tensor
+    whose channels are innermost without being a whole channels-last tensor, such as the offsets and
+    mask that a channels-last model's DCNv2 layer splits from one prediction (their gradients then
+    join the prediction's channels-last gradient without a copy). The C++ kernel's ``gradient_like``
+    follows the same rule."""
     if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.shape[1] > 1 and tensor.stride(1) == 1:
         return torch.channels_last
     return memory_format_of(tensor)
+
+
+# The memory format of each gradient (input, offset, weight, bias, mask) given its tensor.
+_GRADIENT_FORMATS = (memory_format_of, offset_gradient_format_of, memory_format_of, memory_format_of,
+                     offset_gradient_format_of)  # fmt: skip
 
 
 def deform_conv2d_reference(
@@ -352,12 +357,12 @@ def _cast(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor |
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor:
-    """A gradient in ``like``'s dtype and :func:`gradient_format_of` ``like``, or an
-    empty placeholder where none was asked for (a custom op's outputs cannot be None)."""
+def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool, layout: Callable) -> Tensor:
+    """A gradient in ``like``'s dtype and memory format ``layout(like)``, or an empty placeholder
+    where none was asked for (a custom op's outputs cannot be None)."""
     if not needed or like is None or grad is None:
         return like.new_empty(0) if like is not None else torch.empty(0)
-    return grad.to(like.dtype).contiguous(memory_format=gradient_format_of(like))
+    return grad.to(like.dtype).contiguous(memory_format=layout(like))
 
 
 def _needed(output_mask: Sequence[bool], bias: Tensor | None, mask: Tensor | None) -> tuple[bool, ...]:
@@ -614,7 +619,8 @@ def _deform_conv2d_backward_op(
 
 def _pack_grads(grads, input, offset, weight, bias, mask, need) -> Grads:
     return tuple(  # type: ignore[return-value]
-        _grad_like(g, like, n) for g, like, n in zip(grads, (input, offset, weight, bias, mask), need, strict=True)
+        _grad_like(g, like, n, layout)
+        for g, like, n, layout in zip(grads, (input, offset, weight, bias, mask), need, _GRADIENT_FORMATS, strict=True)
     )
 
 
@@ -644,10 +650,10 @@ def _deform_conv2d_backward_fake(grad_out, input, offset, weight, bias, mask, st
     need = _needed(output_mask, bias, mask)
     like = (input, offset, weight, bias, mask)
     return tuple(
-        (t.new_empty(t.shape).contiguous(memory_format=gradient_format_of(t)) if n else t.new_empty(0))
+        (t.new_empty(t.shape).contiguous(memory_format=layout(t)) if n else t.new_empty(0))
         if t is not None
         else input.new_empty(0)
-        for t, n in zip(like, need, strict=True)
+        for t, n, layout in zip(like, need, _GRADIENT_FORMATS, strict=True)
     )
 
 

@@ -858,7 +858,7 @@ at::Tensor readable_planes(const at::Tensor& t, Scratch slot) {
 // An empty gradient for an offset or mask tensor: channels-last for a tensor whose channels are
 // innermost (a channels-last model's offsets and mask, sliced from one prediction), so that it joins
 // that prediction's channels-last gradient without a copy; planes otherwise. The same rule as
-// gradient_format_of in deform_conv.py, which the op's fake kernel follows.
+// offset_gradient_format_of in deform_conv.py, which the op's fake kernel follows.
 at::Tensor gradient_like(const at::Tensor& t, const at::TensorOptions& options) {
   const bool channels_innermost = !t.is_contiguous() && t.size(1) > 1 && t.stride(1) == 1;
   return at::empty(t.sizes(), options.memory_format(channels_innermost ? at::MemoryFormat::ChannelsLast
@@ -1130,6 +1130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const bool has_mask = mask_.has_value() && mask_->defined();
   need_mask = need_mask && has_mask;
   const auto opts = input_.options();
+  const bool inference = c10::InferenceMode::is_enabled();
 
   // Channels-last here; an NCHW input's gradient is transposed into a new tensor at the end.
   const bool nhwc_in = input_.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
@@ -1228,7 +1229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       };
       if (by_rows) {
         at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t i_begin, int64_t i_end) {
-          at::NoGradGuard no_grad;
+          const WorkerModes modes(inference);
           at::Tensor local_gw = need_weight ? at::zeros({groups, Og, K * Cg}, opts) : at::Tensor();
           at::Tensor local_gi = need_input ? at::zeros_like(grad_input) : at::Tensor();
           for (int64_t i = i_begin; i < i_end; ++i) {
@@ -1240,17 +1241,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         });
         return;
       }
-      // One chunk of images per thread (cut as at::parallel_for cuts a range), each with its
-      // weight-gradient partial in one scratch of the calling thread.
-      const int64_t chunks = std::min<int64_t>(g.batch, at::get_num_threads());
-      const int64_t per_chunk = (g.batch + chunks - 1) / chunks;
+      // One chunk of images per thread (cut as at::parallel_for cuts a range: none empty), each with
+      // its weight-gradient partial in one scratch of the calling thread. (Past 64 MiB of partials,
+      // many threads on a wide layer, the scratch is a fresh allocation per call.)
+      const int64_t per_chunk = (g.batch + at::get_num_threads() - 1) / at::get_num_threads();
+      const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
       const at::Tensor chunk_partials =
           need_weight ? scratch(Scratch::kWeightGrad, {chunks, groups, Og, K * Cg}, opts) : at::Tensor();
       at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-        at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+        // Grad and inference modes are thread-local: workers do not inherit them, and the partials
+        // (made on the calling thread) are inference tensors when the caller is in inference mode.
+        const WorkerModes modes(inference);
         for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
           at::Tensor local_gw = need_weight ? chunk_partials[chunk].zero_() : at::Tensor();
-          const int64_t b_begin = std::min(g.batch, chunk * per_chunk), b_end = std::min(g.batch, b_begin + per_chunk);
+          const int64_t b_begin = chunk * per_chunk, b_end = std::min(g.batch, b_begin + per_chunk);
           for_blocks_of_images(g, block, planes_direct, b_begin, b_end, [&](int64_t row0, int64_t rows) {
             process(row0, rows, local_gw, need_input ? grad_input.data_ptr<scalar_t>() : nullptr);
           });
