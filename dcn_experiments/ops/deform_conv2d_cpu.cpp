@@ -42,10 +42,11 @@ struct Geometry {
   // Distance between images in the offset and mask tensors the kernels read: their planes are read
   // in place, so the images may lie apart (see readable_planes).
   int64_t offset_batch_stride = 0, mask_batch_stride = 0;
-  // Where the backward writes the offset and mask gradients, (N, P, L) per image: planes (channel
-  // stride L, pixel stride 1) or, for offsets from a channels-last model, pixels (1, P).
-  int64_t grad_offset_channel_stride = 0, grad_offset_pixel_stride = 1;
-  int64_t grad_mask_channel_stride = 0, grad_mask_pixel_stride = 1;
+  // Where the backward writes the offset and mask gradients, (N, P, L) per image: the strides of the
+  // gradient tensors, planes (channel stride L, pixel stride 1) or, for offsets from a channels-last
+  // model, pixels (1, P).
+  int64_t grad_offset_channel_stride = 0, grad_offset_pixel_stride = 0;
+  int64_t grad_mask_channel_stride = 0, grad_mask_pixel_stride = 0;
   int64_t kernel_size() const { return kernel_h * kernel_w; }
   int64_t out_size() const { return out_h * out_w; }
   int64_t channels_per_offset_group() const { return channels / offset_groups; }
@@ -594,7 +595,6 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const 
   g.dil_w = dil_w;
   g.out_h = offset.size(2);
   g.out_w = offset.size(3);
-  g.grad_offset_channel_stride = g.grad_mask_channel_stride = g.out_h * g.out_w;
   // The sampling plans hold pixel indices (y * W + x) in int32.
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 30), "deform_conv2d: the CPU kernel takes images of fewer than 2^30 ",
               "pixels, got ", g.height, "x", g.width);
@@ -855,6 +855,18 @@ at::Tensor readable_planes(const at::Tensor& t, Scratch slot) {
   return planes;
 }
 
+// The offset and mask (undefined without one) as the kernels read them (readable_planes), with their
+// distances between images recorded in g.
+std::pair<at::Tensor, at::Tensor> read_offset_and_mask(const at::Tensor& offset_, const c10::optional<at::Tensor>& mask_,
+                                                       Geometry& g) {
+  const at::Tensor offset = readable_planes(offset_, Scratch::kOffset);
+  const bool has_mask = mask_.has_value() && mask_->defined();
+  const at::Tensor mask = has_mask ? readable_planes(*mask_, Scratch::kMask) : at::Tensor();
+  g.offset_batch_stride = offset.stride(0);
+  g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
+  return {offset, mask};
+}
+
 // An empty gradient for an offset or mask tensor: channels-last for a tensor whose channels are
 // innermost (a channels-last model's offsets and mask, sliced from one prediction), so that it joins
 // that prediction's channels-last gradient without a copy; planes otherwise. The same rule as
@@ -1023,11 +1035,9 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input_, const at::Tensor& wei
   const auto as_nchw_view = [&](const at::Tensor& t) { return nhwc_out ? t.permute({0, 3, 1, 2}) : t; };
   if (g.batch == 0) return as_nchw_view(out);
   const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-  const at::Tensor offset = readable_planes(offset_, Scratch::kOffset);
   const bool has_mask = mask_.has_value() && mask_->defined();
-  const at::Tensor mask = has_mask ? readable_planes(*mask_, Scratch::kMask) : at::Tensor();
-  g.offset_batch_stride = offset.stride(0);
-  g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
+  const auto read = read_offset_and_mask(offset_, mask_, g);
+  const at::Tensor &offset = read.first, &mask = read.second;
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor zero = at::zeros({C}, input.options());  // the value of corners outside the image
   if (use_narrow_kernels(g)) {
@@ -1142,13 +1152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   }
   at::Tensor grad_offset = need_offset ? gradient_like(offset_, opts) : at::Tensor();
   at::Tensor grad_mask = need_mask ? gradient_like(*mask_, opts) : at::Tensor();
-  if (need_offset && grad_offset.stride(1) == 1) {
-    g.grad_offset_channel_stride = 1;
-    g.grad_offset_pixel_stride = grad_offset.size(1);
+  if (need_offset) {
+    g.grad_offset_channel_stride = grad_offset.stride(1);
+    g.grad_offset_pixel_stride = grad_offset.stride(3);
   }
-  if (need_mask && grad_mask.stride(1) == 1) {
-    g.grad_mask_channel_stride = 1;
-    g.grad_mask_pixel_stride = grad_mask.size(1);
+  if (need_mask) {
+    g.grad_mask_channel_stride = grad_mask.stride(1);
+    g.grad_mask_pixel_stride = grad_mask.stride(3);
   }
   at::Tensor grad_wmat;  // (g, O/g, K*Cg): the first chunk's partial, then the others added in order
   at::Tensor grad_bias = need_bias ? grad_out_.sum({0, 2, 3}) : at::Tensor();
@@ -1156,10 +1166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   if (g.batch > 0 && (need_scatter || need_weight)) {
     const at::Tensor input = channels_last_rows(input_, Scratch::kInput);
-    const at::Tensor offset = readable_planes(offset_, Scratch::kOffset);
-    const at::Tensor mask = has_mask ? readable_planes(*mask_, Scratch::kMask) : at::Tensor();
-    g.offset_batch_stride = offset.stride(0);
-    g.mask_batch_stride = has_mask ? mask.stride(0) : 0;
+    const auto read = read_offset_and_mask(offset_, mask_, g);
+    const at::Tensor &offset = read.first, &mask = read.second;
     const at::Tensor wmat = weight_matrix(weight.detach(), groups);  // (g, O/g, K*Cg)
     const at::Tensor zero = at::zeros({C}, opts);
     // The scatter pass holds the columns and their gradient at once: half the forward's blocks
