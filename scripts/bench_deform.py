@@ -530,17 +530,22 @@ def main() -> int:
 
 
 def _git_commit() -> dict[str, str | None]:
-    """The checkout's commit and the SHA-256 of the C++ kernel source that ran (JSON files are
-    compared across commits; the source hash also tells apart uncommitted kernel edits)."""
+    """The checkout's commit and the SHA-256 of the C++ sources that ran (JSON files are compared
+    across commits; the source hash also tells apart uncommitted kernel edits): the kernel's, and
+    the op's C++ CPU and autograd kernels'."""
     here = Path(__file__).resolve().parent
-    source = here.parent / "dcn_experiments" / "ops" / "deform_conv2d_cpu.cpp"
+    ops = here.parent / "dcn_experiments" / "ops"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
         head = commit.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         head = None
-    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
-    return {"commit": head, "kernel_source_sha256": digest}
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {
+        "commit": head,
+        "kernel_source_sha256": digest(ops / "deform_conv2d_cpu.cpp"),
+        "op_source_sha256": digest(ops / "deform_conv2d_op.cpp"),
+    }
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,25 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def python_op_kernels() -> Iterator[None]:
+    """Serve the op's CPU calls from its Python kernels, as before the C++ library is loaded, so that a
+    test reaches the Python paths (and, with the library marked unloaded, the reference fallback) in
+    a process where the library's own CPU kernels would otherwise take them."""
+    import torch
+
+    from dcn_experiments.ops import cpu_extension_available
+
+    if not cpu_extension_available():
+        yield
+        return
+    previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(False)
+    try:
+        yield
+    finally:
+        torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
 
 
 @pytest.fixture(scope="session")

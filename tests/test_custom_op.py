@@ -84,7 +84,7 @@ def test_opcheck_with_offsets_and_mask_sliced_from_a_channels_last_prediction() 
         assert raw[2].is_contiguous(memory_format=torch.channels_last) and not raw[2].is_contiguous()
 
 
-def test_opcheck_passes_on_the_reference_fallback(monkeypatch) -> None:
+def test_opcheck_passes_on_the_reference_fallback(monkeypatch, python_op_kernels) -> None:
     """Without the C++ kernel the CPU kernel serves the reference (its backward through torch.func)."""
     small = (4, 4, 5, 5, 3, 1, 1, 1, 2, 2, True)
     args = _op_args(small)
@@ -255,3 +255,133 @@ def test_cuda_dispatch_point_calls_torchvision_with_the_right_arguments(name: st
     got = [g for g, n in zip(grads, need, strict=True) if n]
     for a, b in zip(got, expected_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# --- the C++ library's own CPU and autograd kernels of the op (deform_conv2d_op.cpp) -----------------
+
+
+def _run_with(kernels: str, args: tuple, requires: tuple[bool, ...]) -> tuple[torch.Tensor, list]:
+    """Output and gradients of one forward+backward, served by the C++ library's kernels
+    (``kernels="cpp"``) or by the op's Python kernels and autograd formula (``"python"``)."""
+    previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(kernels == "cpp")
+    try:
+        leaves = [
+            t.detach().clone().requires_grad_(r) if isinstance(t, torch.Tensor) else t
+            for t, r in zip(args, (*requires, False, False, False), strict=True)
+        ]
+        out = OP(*leaves)
+        grad_fn = type(out.grad_fn).__name__ if out.grad_fn is not None else None
+        if out.requires_grad:
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads = [t.grad if isinstance(t, torch.Tensor) else None for t in leaves[:5]]
+        return out.detach(), grads, grad_fn
+    finally:
+        torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "bias", "requires"),
+    [
+        ("plain", True, (True, True, True, True, True)),
+        ("no_mask", True, (True, True, True, True, False)),
+        ("non_square_no_bias", False, (True, True, True, False, True)),
+        # autograd numbers its edges by the tensors given: with no bias the mask is edge 3
+        ("non_square_no_bias", False, (False, False, False, False, True)),
+        ("plain", True, (False, True, False, True, False)),
+        ("groups_and_offset_groups", True, (True, False, True, False, True)),
+    ],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_kernels_give_the_python_kernels_bits(geometry: str, bias: bool, requires: tuple, layout: str) -> None:
+    """Once the library is loaded, CPU calls run its C++ kernels (no Python per call): the same
+    outputs, gradients, dtypes and memory formats as the Python kernels, for any subset of gradients."""
+    assert module.cpu_extension_available()
+    args = list(_op_args(GEOMETRIES[geometry], dtype=torch.float32, bias=bias))
+    if layout == "channels_last":
+        args[0] = args[0].detach().contiguous(memory_format=torch.channels_last)
+    cpp_out, cpp_grads, cpp_fn = _run_with("cpp", tuple(args), requires)
+    py_out, py_grads, py_fn = _run_with("python", tuple(args), requires)
+    assert cpp_fn == "CppFunction" and py_fn != cpp_fn  # each path really ran
+    assert torch.equal(cpp_out, py_out) and cpp_out.stride() == py_out.stride()
+    for got, want, needed in zip(cpp_grads, py_grads, requires, strict=True):
+        assert (got is None) == (want is None) == (not needed)
+        if want is not None:
+            assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
+
+
+def test_cpp_kernels_take_the_autocast_rule_and_count_calls() -> None:
+    """Half-precision inputs compute in float32 and come back in their dtype; float64 stays float64;
+    each call is counted once, by compute dtype, as the Python kernels count theirs."""
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"], dtype=torch.float32)
+    )
+    reset_backend_usage()
+    half = deform_conv2d(x.bfloat16(), offset.bfloat16(), weight, bias, s, p, d, mask.bfloat16())
+    double = deform_conv2d(x.double(), offset.double(), weight.double(), bias.double(), s, p, d, mask.double())
+    assert half.dtype == torch.bfloat16 and double.dtype == torch.float64
+    assert backend_usage() == {module.CPP_CPU: 2}
+    assert precision_usage() == {"float32": 1, "float64": 1}
+    reset_backend_usage()
+    assert backend_usage() == {} and precision_usage() == {}
+
+
+def test_cpp_backward_has_no_double_backward() -> None:
+    """create_graph gives first derivatives; differentiating them again says there is no formula,
+    as the Python formula did, rather than returning a silently wrong second derivative."""
+    x, offset, weight, bias, mask, s, p, d = _op_args(GEOMETRIES["plain"])
+    (grad_x,) = torch.autograd.grad(OP(x, offset, weight, bias, mask, s, p, d).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        grad_x.sum().backward()
+
+
+def _bad_arguments() -> dict[str, tuple]:
+    """Arguments of the op, each wrong in one way the argument checks name."""
+    x, offset, weight = torch.randn(2, 4, 6, 6), torch.randn(2, 18, 6, 6), torch.randn(4, 4, 3, 3)
+    good = dict(input=x, offset=offset, weight=weight, bias=torch.randn(4), mask=torch.rand(2, 9, 6, 6))
+    geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+    cases = {
+        "input_3d": dict(input=x[0]),
+        "offset_3d": dict(offset=offset[0]),
+        "weight_2d": dict(weight=weight[0, 0]),
+        "mask_3d": dict(mask=torch.rand(9, 6, 6)),
+        "stride_zero": dict(stride=[0, 1]),
+        "negative_padding": dict(padding=[1, -1]),
+        "dilation_zero": dict(dilation=[1, 0]),
+        "three_strides": dict(stride=[1, 1, 1]),
+        "weight_channels": dict(weight=torch.randn(4, 3, 3, 3)),
+        "weight_groups": dict(weight=torch.randn(5, 2, 3, 3)),
+        "offset_channels": dict(offset=torch.randn(2, 17, 6, 6)),
+        "empty_kernel": dict(weight=torch.randn(4, 4, 0, 3)),
+        "offset_groups": dict(offset=torch.randn(2, 54, 6, 6), mask=torch.rand(2, 27, 6, 6)),
+        "offset_batch": dict(offset=torch.randn(3, 18, 6, 6)),
+        "too_small": dict(padding=[0, 0], stride=[2, 2], dilation=[4, 4]),
+        "offset_size": dict(offset=torch.randn(2, 18, 5, 6)),
+        "mask_shape": dict(mask=torch.rand(2, 9, 6, 5)),
+        "bias_shape": dict(bias=torch.randn(3)),
+        "integer_weight": dict(weight=weight.long()),
+    }
+    order = ("input", "offset", "weight", "bias", "mask", "stride", "padding", "dilation")
+    return {name: tuple((good | geometry | change)[k] for k in order) for name, change in cases.items()}
+
+
+@pytest.mark.parametrize("case", sorted(_bad_arguments()))
+def test_cpp_and_python_argument_checks_say_the_same(case: str) -> None:
+    """The C++ kernels repeat the Python argument checks: the same error, word for word, for the op
+    and for its backward."""
+    args = _bad_arguments()[case]
+    messages = {}
+    for kernels in ("cpp", "python"):
+        previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(kernels == "cpp")
+        try:
+            with pytest.raises(RuntimeError) as forward_error:
+                OP(*args)
+            grad_out = torch.randn(2, 4, 6, 6)
+            with pytest.raises(RuntimeError) as backward_error:
+                BACKWARD_OP(grad_out, *args, [True] * 5)
+        finally:
+            torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
+        messages[kernels] = (str(forward_error.value), str(backward_error.value))
+    assert messages["cpp"] == messages["python"]
+    assert messages["cpp"][0].startswith("deform_conv2d: ") and "\n" not in messages["cpp"][0].replace(
+        "\nGot offset.shape", ""
+    )

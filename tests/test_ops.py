@@ -458,12 +458,12 @@ def test_invalid_arguments_raise_clear_errors(change: dict, message: str) -> Non
         deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
 
 
-def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch, caplog) -> None:
+def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch, caplog, python_op_kernels) -> None:
     from dcn_experiments.ops import deform_conv as module
 
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(module, "_EXTENSION_SOURCE", broken)
+    monkeypatch.setattr(module, "_EXTENSION_SOURCES", (broken,))
     monkeypatch.setattr(module, "_extension_state", {})
     monkeypatch.setenv("DCN_EXTENSION_DIR", str(tmp_path / "build"))
     with pytest.warns(RuntimeWarning, match="falling back to the slower pure-PyTorch implementation"):

@@ -5,7 +5,9 @@ through ``torch.library``: a schema, a CPU and a CUDA kernel, a fake kernel (sha
 ``torch.compile`` / ``torch.export``) and autograd. Behind the kernels sit three implementations:
 
 * ``cpu-extension``: a C++ kernel (``deform_conv2d_cpu.cpp``) built on first use with
-  ``torch.utils.cpp_extension`` and cached.
+  ``torch.utils.cpp_extension`` and cached. Once loaded, the library also serves the op itself for
+  CPU tensors (``deform_conv2d_op.cpp``: CPU kernels and autograd in C++, taking precedence over the
+  Python ones below, with the same checks and results), which saves a trip through Python per call.
 * ``torchvision``: ``torchvision.ops.deform_conv2d``'s kernels on CUDA (the single CUDA dispatch
   point is :func:`_cuda_forward` / :func:`_cuda_backward`; other kernels plug in with
   :func:`register_cuda_kernel`).
@@ -41,7 +43,11 @@ from torch.nn.modules.utils import _pair
 
 log = logging.getLogger(__name__)
 
-_EXTENSION_SOURCE = Path(__file__).with_name("deform_conv2d_cpu.cpp")
+# The raw kernels, and the op's CPU and autograd kernels in C++ (which reach the raw ones through the dispatcher).
+_EXTENSION_SOURCES = (
+    Path(__file__).with_name("deform_conv2d_cpu.cpp"),
+    Path(__file__).with_name("deform_conv2d_op.cpp"),
+)
 _extension_lock = threading.Lock()
 _extension_state: dict[str, object] = {}
 # Which implementation served each call (``backend_usage``): runs record the kernel that really ran.
@@ -52,20 +58,32 @@ _backend_calls: Counter[str] = Counter()
 _precision_calls: Counter[str] = Counter()
 
 
+def _native_calls() -> dict[str, int]:
+    """Calls served by the C++ library's own CPU kernel of the op (it counts them), per compute dtype."""
+    if not _extension_state.get("loaded"):
+        return {}
+    float32, float64 = torch.ops.dcn_experiments_cpu.public_op_calls()
+    return {dtype: n for dtype, n in (("float32", float32), ("float64", float64)) if n}
+
+
 def backend_usage() -> dict[str, int]:
     """Calls of :func:`deform_conv2d` per implementation since the last :func:`reset_backend_usage`."""
-    return dict(_backend_calls)
+    usage = _backend_calls.copy()
+    usage[CPP_CPU] += sum(_native_calls().values())
+    return {name: n for name, n in usage.items() if n}
 
 
 def precision_usage() -> dict[str, int]:
     """Calls of :func:`deform_conv2d` per compute dtype (``"float32"``, ...) since the last reset."""
-    return dict(_precision_calls)
+    return dict(_precision_calls + Counter(_native_calls()))
 
 
 def reset_backend_usage() -> None:
     """Start counting :func:`backend_usage` and :func:`precision_usage` afresh."""
     _backend_calls.clear()
     _precision_calls.clear()
+    if _extension_state.get("loaded"):
+        torch.ops.dcn_experiments_cpu.reset_public_op_calls()
 
 
 def _count_call(backend: str, compute_dtype: torch.dtype) -> None:
@@ -137,7 +155,7 @@ def _build_and_load(build_dir: Path) -> None:
         (build_dir / "lock").unlink(missing_ok=True)
         load(
             name=name,
-            sources=[str(_EXTENSION_SOURCE)],
+            sources=[str(source) for source in _EXTENSION_SOURCES],
             extra_cflags=_COMPILE_FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -208,7 +226,7 @@ def _check_arguments(
     if out_c % groups != 0:
         raise RuntimeError(f"deform_conv2d: weight.shape[0] ({out_c}) must be divisible by the groups ({groups})")
     taps = kh * kw
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
+    if offset.shape[1] == 0 or taps == 0 or offset.shape[1] % (2 * taps) != 0:
         raise RuntimeError(
             "deform_conv2d: the shape of the offset tensor at dimension 1 is not valid. It should be a "
             f"multiple of 2 * weight.size[2] * weight.size[3].\nGot offset.shape[1]={offset.shape[1]}, "
@@ -357,11 +375,11 @@ def _cast(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor |
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool, layout: Callable) -> Tensor:
+def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool, layout: Callable, input: Tensor) -> Tensor:
     """A gradient in ``like``'s dtype and memory format ``layout(like)``, or an empty placeholder
-    where none was asked for (a custom op's outputs cannot be None)."""
+    where none was asked for (a custom op's outputs cannot be None; ``input``'s kind for absent tensors)."""
     if not needed or like is None or grad is None:
-        return like.new_empty(0) if like is not None else torch.empty(0)
+        return like.new_empty(0) if like is not None else input.new_empty(0)
     return grad.to(like.dtype).contiguous(memory_format=layout(like))
 
 
@@ -560,13 +578,16 @@ def _deform_conv2d_op(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> Tensor:
-    """Deformable convolution; this body serves devices without a kernel of their own (reference)."""
+    """Deformable convolution. This body (CompositeExplicitAutograd) serves CPU calls until the C++
+    library is loaded, whose own CPU kernel then takes precedence (deform_conv2d_op.cpp), and devices
+    without a kernel of their own (reference)."""
+    if input.device.type == "cpu":
+        return _deform_conv2d_cpu(input, offset, weight, bias, mask, stride, padding, dilation)
     geometry, _ = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
     _count_call(PYTORCH_FALLBACK, input.dtype)
     return deform_conv2d_reference(input, offset, weight, bias, *geometry, mask)
 
 
-@_deform_conv2d_op.register_kernel("cpu")
 def _deform_conv2d_cpu(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
     geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
     if not _load_cpu_extension():
@@ -610,7 +631,12 @@ def _deform_conv2d_backward_op(
     dilation: Sequence[int],
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. (input, offset, weight, bias, mask); an empty tensor where ``output_mask`` is False."""
+    """Gradients w.r.t. (input, offset, weight, bias, mask); an empty tensor where ``output_mask`` is False.
+    Like the forward's, this body serves CPU calls until the C++ library's own kernel takes over."""
+    if input.device.type == "cpu":
+        return _deform_conv2d_backward_cpu(
+            grad_out, input, offset, weight, bias, mask, stride, padding, dilation, output_mask
+        )
     geometry, _ = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
     need = _needed(output_mask, bias, mask)
     grads = _reference_backward(grad_out, input, offset, weight, bias, mask, geometry, need)
@@ -619,12 +645,11 @@ def _deform_conv2d_backward_op(
 
 def _pack_grads(grads, input, offset, weight, bias, mask, need) -> Grads:
     return tuple(  # type: ignore[return-value]
-        _grad_like(g, like, n, layout)
+        _grad_like(g, like, n, layout, input)
         for g, like, n, layout in zip(grads, (input, offset, weight, bias, mask), need, _GRADIENT_FORMATS, strict=True)
     )
 
 
-@_deform_conv2d_backward_op.register_kernel("cpu")
 def _deform_conv2d_backward_cpu(grad_out, input, offset, weight, bias, mask, stride, padding, dilation, output_mask):
     geometry, offset_groups = _validated(input, offset, weight, bias, mask, stride, padding, dilation)
     need = _needed(output_mask, bias, mask)
@@ -672,6 +697,7 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_DEFORM_CONV2D = torch.ops.dcn_experiments.deform_conv2d.default  # the op itself, one Python frame fewer
 
 
 def deform_conv2d(
@@ -693,6 +719,6 @@ def deform_conv2d(
     ``torch.ops.dcn_experiments.deform_conv2d``, which ``torch.compile`` and ``torch.export`` keep
     as one node.
     """
-    return _deform_conv2d_op(
+    return _DEFORM_CONV2D(
         input, offset, weight, bias, mask, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
     )
