@@ -1,0 +1,65 @@
+"""``scripts/bench_op_overhead.py``: the op's C++ and Python dispatch paths, timed against the raw kernels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "bench_op_overhead.py"
+
+
+def test_bench_op_overhead_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--rounds", "1", "--layers", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["row"], r["phase"]) for r in rows] == [
+        ("tiny 4ch@8", "fwd"),
+        ("tiny 4ch@8", "f+b"),
+        ("quick_seg U-Net step", "f+b"),
+        ("U-Net w8 eval, batch 1", "fwd"),
+        ("ResNet-34 eval, batch 1", "fwd"),
+    ]
+    assert all(r["op"] > 0 and r["op, Python kernels"] > 0 for r in rows)
+    assert "| tiny 4ch@8 | f+b |" in result.stdout
+
+
+def test_each_arm_runs_the_path_it_names() -> None:
+    """The ``op`` arm is served by the C++ kernels (which count their calls), the Python arm is not."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_op_overhead
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from dcn_experiments.ops import cpu_extension_available
+
+    assert cpu_extension_available()
+    calls = bench_op_overhead.layer_calls(4, 8, 1)
+    native = torch.ops.dcn_experiments_cpu.public_op_calls
+    for arm, served_in_cpp in (("op", True), ("op, Python kernels", False)):
+        for phase in ("fwd", "f+b"):
+            before = sum(native())
+            calls[(arm, phase)]()
+            assert sum(native()) - before == (1 if served_in_cpp else 0), (arm, phase)
+    assert torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(True) is True  # each arm restores the setting
+
+
+def test_bench_op_overhead_rejects_thread_clock_on_two_threads(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--threads", "2", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--clock thread measures the calling thread only" in result.stderr
+    assert not (tmp_path / "x.json").exists()
