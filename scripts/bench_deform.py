@@ -255,6 +255,10 @@ def time_interleaved(
 ) -> dict[str, float]:
     """Median seconds per call, running every call once per round so machine drift hits all alike.
 
+    The order rotates by one call per round, so that no call always follows the same one (ours, first
+    in the list, always followed torchvision's and ONNX Runtime's calls, which sweep the caches and
+    free large buffers; one pair of runs on the U-Net shapes read 2.02x `F.conv2d` in that order and
+    1.76x with the two swapped, but the machine's noise is of that size too).
     A call slower than 2 s is timed in the first rounds only, to bound the run time. ``clock`` may be
     ``time.thread_time`` for single-threaded calls on a shared machine (see ``--clock``).
     """
@@ -262,8 +266,11 @@ def time_interleaved(
     for fn in calls.values():  # warm-up (also builds the CPU extension)
         fn()
     sync(device)
+    keys = list(calls)
     for round_index in range(rounds):
-        for key, fn in calls.items():
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            fn = calls[key]
             if round_index >= 2 and times[key] and min(times[key]) > 2.0:
                 continue
             start = clock()
