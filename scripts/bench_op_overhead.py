@@ -129,14 +129,17 @@ def with_kernels(arm: str, fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def time_interleaved(calls: dict, rounds: int, clock: Callable[[], float]) -> dict:
-    """Median seconds of each call, every call once per round (warm-up round first)."""
+    """Median seconds of each call, every call once per round (warm-up round first); the order
+    rotates by one call per round, so that no call always follows the same one."""
     for fn in calls.values():
         fn()
     times: dict = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
+    keys = list(calls)
+    for round_index in range(rounds):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
             start = clock()
-            fn()
+            calls[key]()
             times[key].append(clock() - start)
     return {key: statistics.median(values) for key, values in times.items()}
 
@@ -145,7 +148,7 @@ def main() -> int:
     """Parse arguments, time every row, print the table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--clock", choices=["wall", "thread"], default="thread", help="thread: CPU time, 1 thread only")
     parser.add_argument("--skip-models", action="store_true", help="layers only")
     parser.add_argument("--layers", type=int, default=len(LAYERS), help="time only the first N layer rows")
