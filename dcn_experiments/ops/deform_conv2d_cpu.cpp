@@ -96,8 +96,9 @@ inline scalar_t clamp_coordinate(scalar_t v, scalar_t hi) {
 }
 
 // Plan rows [l0, l0 + n) of image `b` (n <= kPlanRows) for every (offset group, tap) into
-// plans[grp * K + k].
-template <typename scalar_t>
+// plans[grp * K + k]. kMaskInWeights: the corner weights carry the mask value (bilinear weight * mask,
+// the same product the samplers took per row), for the samplers; the scatter keeps them apart.
+template <typename scalar_t, bool kMaskInWeights>
 void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t l0, int64_t n,
                const TapGrid& taps, TapPlan<scalar_t>* plans) {
   const int64_t L = g.out_size(), K = g.kernel_size(), G = g.offset_groups;
@@ -144,10 +145,11 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
         p.index[1][i] = ((at + 2) & vy0 & vx1) - 1;
         p.index[2][i] = ((at + W + 1) & vy1 & vx0) - 1;
         p.index[3][i] = ((at + W + 2) & vy1 & vx1) - 1;
-        p.weight[0][i] = hy * hx;
-        p.weight[1][i] = hy * lx;
-        p.weight[2][i] = ly * hx;
-        p.weight[3][i] = ly * lx;
+        const scalar_t m = kMaskInWeights ? msk[i] : scalar_t(1);
+        p.weight[0][i] = kMaskInWeights ? (hy * hx) * m : hy * hx;
+        p.weight[1][i] = kMaskInWeights ? (hy * lx) * m : hy * lx;
+        p.weight[2][i] = kMaskInWeights ? (ly * hx) * m : ly * hx;
+        p.weight[3][i] = kMaskInWeights ? (ly * lx) * m : ly * lx;
         p.mask[i] = msk[i];
         p.ly[i] = ly;
         p.lx[i] = lx;
@@ -159,8 +161,8 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
 // Plan the rows [row0, row0 + rows) block by block (blocks of at most kPlanRows rows inside one
 // image) and call body(b, r, n) for each: image b, rows [r, r + n) relative to row0, plans filled.
 // offset: (N, G, K, 2, L) and mask: (N, G, K, L) or null, i.e. the caller's NCHW tensors read in
-// place, images g.offset_batch_stride and g.mask_batch_stride apart.
-template <typename scalar_t, typename Body>
+// place, images g.offset_batch_stride and g.mask_batch_stride apart. kMaskInWeights: see plan_rows.
+template <typename scalar_t, bool kMaskInWeights, typename Body>
 void for_planned_blocks(const Geometry& g, const scalar_t* offset, const scalar_t* mask, int64_t row0, int64_t rows,
                         const Body& body) {
   const int64_t L = g.out_size();
@@ -169,7 +171,7 @@ void for_planned_blocks(const Geometry& g, const scalar_t* offset, const scalar_
   for (int64_t r = 0; r < rows;) {
     const int64_t row = row0 + r, b = row / L, l0 = row % L;
     const int64_t n = std::min({kPlanRows, rows - r, L - l0});
-    plan_rows(g, offset, mask, b, l0, n, taps, plans.data());
+    plan_rows<scalar_t, kMaskInWeights>(g, offset, mask, b, l0, n, taps, plans.data());
     body(b, r, n, static_cast<const TapPlan<scalar_t>*>(plans.data()));
     r += n;
   }
@@ -210,9 +212,8 @@ inline void sample_planned_row(const Geometry& g, const TapPlan<scalar_t>* plans
       const TapPlan<scalar_t>& p = plans[grp * K + k];
       const scalar_t* pt[4];
       corner_pointers(g, p, i, image, grp * Cg, zero, pt);
-      const scalar_t m = p.mask[i];
-      const scalar_t w0 = p.weight[0][i] * m, w1 = p.weight[1][i] * m, w2 = p.weight[2][i] * m,
-                     w3 = p.weight[3][i] * m;
+      // Planned with the mask in the weights (for_planned_blocks<scalar_t, true>).
+      const scalar_t w0 = p.weight[0][i], w1 = p.weight[1][i], w2 = p.weight[2][i], w3 = p.weight[3][i];
       const scalar_t *p0 = pt[0], *p1 = pt[1], *p2 = pt[2], *p3 = pt[3];
       scalar_t* __restrict__ dst = dst_row + k * C + grp * Cg;
 #pragma omp simd
@@ -229,7 +230,7 @@ template <typename scalar_t, int64_t CG>
 void sample_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                     const scalar_t* zero, int64_t row0, int64_t rows, scalar_t* columns) {
   const int64_t KC = g.kernel_size() * g.channels, image_size = g.height * g.width * g.channels;
-  for_planned_blocks(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
+  for_planned_blocks<scalar_t, true>(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
     for (int64_t i = 0; i < n; ++i) {
       sample_planned_row<scalar_t, CG>(g, plans, input + b * image_size, zero, i, columns + (r + i) * KC);
     }
@@ -407,7 +408,7 @@ void scatter_rows_cg(const Geometry& g, const scalar_t* input, const scalar_t* o
                      scalar_t* grad_offset, scalar_t* grad_mask, const scalar_t* zero, scalar_t* columns) {
   const int64_t L = g.out_size(), KC = g.kernel_size() * g.channels, image_size = g.height * g.width * g.channels;
   std::vector<scalar_t> scratch_grad(g.channels_per_offset_group()), scratch_columns(g.channels_per_offset_group());
-  for_planned_blocks(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
+  for_planned_blocks<scalar_t, false>(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
     const ScatterTargets<scalar_t> t{input + b * image_size, grad_input ? grad_input + b * image_size : nullptr,
                                      grad_offset, grad_mask, zero, scratch_grad.data(), scratch_columns.data()};
     const int64_t l0 = (row0 + r) % L;
@@ -533,7 +534,7 @@ void forward_narrow_rows(const Geometry& g, const scalar_t* input, const scalar_
                          int64_t rows, bool nhwc_out, scalar_t* out) {
   const int64_t L = g.out_size(), KC = g.kernel_size() * g.channels, image_size = g.height * g.width * g.channels;
   std::vector<scalar_t> columns(kTileRows * KC), product(kTileRows * O);
-  for_planned_blocks(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
+  for_planned_blocks<scalar_t, true>(g, offset, mask, row0, rows, [&](int64_t b, int64_t r, int64_t n, const TapPlan<scalar_t>* plans) {
     const scalar_t* image = input + b * image_size;
     const int64_t l0 = (row0 + r) % L;
     for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
