@@ -9,8 +9,12 @@ Arms, on the same inputs, timed in interleaved rounds (medians):
   library is loaded, its own CPU and autograd kernels of the op serve CPU tensors
   (``deform_conv2d_op.cpp``).
 * ``op, Python kernels``: the same with those switched off (``set_public_cpu_kernels(False)``): the
-  op's Python kernels and autograd formula, the path every call took before that file existed
-  (plus one boxed redirect of a few microseconds).
+  op's Python kernels and autograd formula, the path every call took before that file existed. Its
+  calls also pass through the C++ kernels' redirect to the Python ones, which the earlier code did
+  not have: about 10 us per forward and 40 us per forward+backward on the tiny layer (measured
+  against the previous release's code), so this arm overstates the old path by that much.
+
+The switch is set before each timed call, outside the timing.
 
 Rows: a tiny layer (all overhead), the U-Net layer shapes of ``bench_deform.py`` (batch 16), the
 ResNet-34 layers at batch 1 (latency), and whole models: a ``quick_seg`` U-Net training step (width 8,
@@ -45,7 +49,8 @@ LAYERS = [  # (name, channels, size, batch)
 
 
 def layer_calls(channels: int, size: int, batch: int) -> dict[tuple[str, str], Callable[[], object]]:
-    """(arm, phase) -> a call of one 3x3 DCNv2 layer, phase ``fwd`` or ``f+b``."""
+    """(arm, phase) -> a call of one 3x3 DCNv2 layer, phase ``fwd`` or ``f+b`` (the op arms' calls
+    need the switch set for their arm: see :func:`set_kernels_for`)."""
     from dcn_experiments.ops import deform_conv2d
 
     gen = torch.Generator().manual_seed(0)
@@ -68,15 +73,17 @@ def layer_calls(channels: int, size: int, batch: int) -> dict[tuple[str, str], C
         with torch.no_grad():
             deform_conv2d(x, offset, weight, None, 1, 1, 1, mask)
 
-    def op_forward_backward() -> None:
+    def op_forward_backward() -> torch.Tensor:
         for leaf in leaves:
             leaf.grad = None
-        deform_conv2d(leaves[0], leaves[1], leaves[2], None, 1, 1, 1, leaves[3]).backward(grad)
+        out = deform_conv2d(leaves[0], leaves[1], leaves[2], None, 1, 1, 1, leaves[3])
+        out.backward(grad)
+        return out
 
     calls = {("raw", "fwd"): raw_forward, ("raw", "f+b"): raw_forward_backward}
     for arm in ARMS[1:]:
-        calls[(arm, "fwd")] = with_kernels(arm, op_forward)
-        calls[(arm, "f+b")] = with_kernels(arm, op_forward_backward)
+        calls[(arm, "fwd")] = op_forward
+        calls[(arm, "f+b")] = op_forward_backward
     return calls
 
 
@@ -111,36 +118,34 @@ def model_calls(args: argparse.Namespace) -> dict[str, dict[tuple[str, str], Cal
         "U-Net w8 eval, batch 1": ("fwd", forward(unet_eval, one_image)),
         "ResNet-34 eval, batch 1": ("fwd", forward(resnet_eval, one_small_image)),
     }
-    return {name: {(arm, phase): with_kernels(arm, fn) for arm in ARMS[1:]} for name, (phase, fn) in rows.items()}
+    return {name: {(arm, phase): fn for arm in ARMS[1:]} for name, (phase, fn) in rows.items()}
 
 
-def with_kernels(arm: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with the op's C++ CPU kernels on (arm ``op``) or off (``op, Python kernels``)."""
-    enabled = arm == "op"
-
-    def call() -> object:
-        previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(enabled)
-        try:
-            return fn()
-        finally:
-            torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
-
-    return call
+def set_kernels_for(arm: str) -> None:
+    """Switch the op's C++ CPU kernels on for arm ``op``, off for ``op, Python kernels`` (``raw``
+    calls the kernels directly either way)."""
+    torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(arm != "op, Python kernels")
 
 
 def time_interleaved(calls: dict, rounds: int, clock: Callable[[], float]) -> dict:
-    """Median seconds of each call, every call once per round (warm-up round first); the order
-    rotates by one call per round, so that no call always follows the same one."""
-    for fn in calls.values():
+    """Median seconds of each (arm, phase) call, every call once per round (warm-up round first); the
+    order rotates by one call per round, so that no call always follows the same one. The arm's
+    kernels are switched in before the clock starts."""
+    for (arm, _), fn in calls.items():
+        set_kernels_for(arm)
         fn()
     times: dict = {key: [] for key in calls}
     keys = list(calls)
-    for round_index in range(rounds):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            start = clock()
-            calls[key]()
-            times[key].append(clock() - start)
+    try:
+        for round_index in range(rounds):
+            shift = round_index % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                set_kernels_for(key[0])
+                start = clock()
+                calls[key]()
+                times[key].append(clock() - start)
+    finally:
+        set_kernels_for("op")
     return {key: statistics.median(values) for key, values in times.items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ def test_bench_op_overhead_writes_every_row(tmp_path: Path) -> None:
 
 
 def test_each_arm_runs_the_path_it_names() -> None:
-    """The ``op`` arm is served by the C++ kernels (which count their calls), the Python arm is not."""
+    """Switched for the ``op`` arm, the calls are served by the C++ kernels (which count their calls,
+    and whose autograd is a CppFunction); switched for the Python arm, they are not."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import bench_op_overhead
@@ -46,12 +48,20 @@ def test_each_arm_runs_the_path_it_names() -> None:
     assert cpu_extension_available()
     calls = bench_op_overhead.layer_calls(4, 8, 1)
     native = torch.ops.dcn_experiments_cpu.public_op_calls
-    for arm, served_in_cpp in (("op", True), ("op, Python kernels", False)):
-        for phase in ("fwd", "f+b"):
-            before = sum(native())
-            calls[(arm, phase)]()
-            assert sum(native()) - before == (1 if served_in_cpp else 0), (arm, phase)
-    assert torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(True) is True  # each arm restores the setting
+    try:
+        for arm, served_in_cpp in (("op", True), ("op, Python kernels", False)):
+            bench_op_overhead.set_kernels_for(arm)
+            for phase in ("fwd", "f+b"):
+                before = sum(native())
+                out = calls[(arm, phase)]()
+                assert sum(native()) - before == (1 if served_in_cpp else 0), (arm, phase)
+                if phase == "f+b":
+                    assert (type(out.grad_fn).__name__ == "CppFunction") == served_in_cpp
+    finally:
+        bench_op_overhead.set_kernels_for("op")
+    times = bench_op_overhead.time_interleaved(calls, 1, time.perf_counter)
+    assert set(times) == set(calls)
+    assert torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(True) is True  # timing restores the C++ kernels
 
 
 def test_bench_op_overhead_rejects_thread_clock_on_two_threads(tmp_path: Path) -> None:

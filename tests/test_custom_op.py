@@ -3,9 +3,12 @@ torch.compile(fullgraph=True) and torch.export, counted when it really runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from dcn_experiments.models import CONVS, MODELS, DeformConv2d, deformable_layers
 from dcn_experiments.ops import PYTORCH_FALLBACK, backend_usage, deform_conv2d, precision_usage, reset_backend_usage
@@ -260,9 +263,16 @@ def test_cuda_dispatch_point_calls_torchvision_with_the_right_arguments(name: st
 # --- the C++ library's own CPU and autograd kernels of the op (deform_conv2d_op.cpp) -----------------
 
 
-def _run_with(kernels: str, args: tuple, requires: tuple[bool, ...]) -> tuple[torch.Tensor, list]:
-    """Output and gradients of one forward+backward, served by the C++ library's kernels
-    (``kernels="cpp"``) or by the op's Python kernels and autograd formula (``"python"``)."""
+@pytest.fixture
+def cpp_library() -> None:
+    """The C++ library loaded, so that its kernels of the op serve CPU calls (skips where it cannot be built)."""
+    if not module.cpu_extension_available():
+        pytest.skip("the C++ library cannot be built here")
+
+
+def _run_with(kernels: str, args: tuple, requires: tuple[bool, ...]) -> tuple[torch.Tensor, list, str | None]:
+    """Output, gradients and the output's grad_fn type of one forward+backward, served by the C++
+    library's kernels (``kernels="cpp"``) or by the op's Python kernels and autograd (``"python"``)."""
     previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(kernels == "cpp")
     try:
         leaves = [
@@ -272,11 +282,29 @@ def _run_with(kernels: str, args: tuple, requires: tuple[bool, ...]) -> tuple[to
         out = OP(*leaves)
         grad_fn = type(out.grad_fn).__name__ if out.grad_fn is not None else None
         if out.requires_grad:
-            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float32).view(out.shape).to(out.dtype)
+            (out * weights).sum().backward()
         grads = [t.grad if isinstance(t, torch.Tensor) else None for t in leaves[:5]]
         return out.detach(), grads, grad_fn
     finally:
         torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
+
+
+def _with_layout(args: list, layout: str, dtype: str) -> list:
+    """The op's arguments in one of the layouts and dtype mixes a model hands it."""
+    x, offset, weight, bias, mask = (t.detach() if t is not None else None for t in args[:5])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced_channels_last_prediction" and mask is not None:
+        # DCNv2's split of one channels-last prediction: offsets and mask are channel slices of it
+        prediction = torch.cat([offset, mask], dim=1).contiguous(memory_format=torch.channels_last)
+        offset, mask = prediction.split([offset.shape[1], mask.shape[1]], dim=1)
+    if dtype == "float64":
+        x, offset, weight, mask = (t.double() if t is not None else None for t in (x, offset, weight, mask))
+        bias = bias.double() if bias is not None else None
+    if dtype == "bfloat16 activations":  # autocast-style: half activations, float32 parameters
+        x, offset, mask = (t.bfloat16() if t is not None else None for t in (x, offset, mask))
+    return [x, offset, weight, bias, mask, *args[5:]]
 
 
 @pytest.mark.parametrize(
@@ -291,25 +319,33 @@ def _run_with(kernels: str, args: tuple, requires: tuple[bool, ...]) -> tuple[to
         ("groups_and_offset_groups", True, (True, False, True, False, True)),
     ],
 )
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cpp_kernels_give_the_python_kernels_bits(geometry: str, bias: bool, requires: tuple, layout: str) -> None:
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [
+        ("nchw", "float32"),
+        ("channels_last", "float32"),
+        ("sliced_channels_last_prediction", "float32"),
+        ("nchw", "float64"),
+        ("channels_last", "bfloat16 activations"),
+    ],
+)
+def test_cpp_kernels_give_the_python_kernels_bits(
+    cpp_library, geometry: str, bias: bool, requires: tuple, layout: str, dtype: str
+) -> None:
     """Once the library is loaded, CPU calls run its C++ kernels (no Python per call): the same
     outputs, gradients, dtypes and memory formats as the Python kernels, for any subset of gradients."""
-    assert module.cpu_extension_available()
-    args = list(_op_args(GEOMETRIES[geometry], dtype=torch.float32, bias=bias))
-    if layout == "channels_last":
-        args[0] = args[0].detach().contiguous(memory_format=torch.channels_last)
+    args = _with_layout(list(_op_args(GEOMETRIES[geometry], dtype=torch.float32, bias=bias)), layout, dtype)
     cpp_out, cpp_grads, cpp_fn = _run_with("cpp", tuple(args), requires)
     py_out, py_grads, py_fn = _run_with("python", tuple(args), requires)
     assert cpp_fn == "CppFunction" and py_fn != cpp_fn  # each path really ran
-    assert torch.equal(cpp_out, py_out) and cpp_out.stride() == py_out.stride()
+    assert torch.equal(cpp_out, py_out) and cpp_out.stride() == py_out.stride() and cpp_out.dtype == py_out.dtype
     for got, want, needed in zip(cpp_grads, py_grads, requires, strict=True):
         assert (got is None) == (want is None) == (not needed)
         if want is not None:
             assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
 
 
-def test_cpp_kernels_take_the_autocast_rule_and_count_calls() -> None:
+def test_cpp_kernels_take_the_autocast_rule_and_count_calls(cpp_library) -> None:
     """Half-precision inputs compute in float32 and come back in their dtype; float64 stays float64;
     each call is counted once, by compute dtype, as the Python kernels count theirs."""
     x, offset, weight, bias, mask, s, p, d = (
@@ -321,17 +357,29 @@ def test_cpp_kernels_take_the_autocast_rule_and_count_calls() -> None:
     assert half.dtype == torch.bfloat16 and double.dtype == torch.float64
     assert backend_usage() == {module.CPP_CPU: 2}
     assert precision_usage() == {"float32": 1, "float64": 1}
+    assert torch.ops.dcn_experiments_cpu.public_op_calls() == [1, 1]  # both served by the C++ kernels
     reset_backend_usage()
     assert backend_usage() == {} and precision_usage() == {}
 
 
-def test_cpp_backward_has_no_double_backward() -> None:
+def test_cpp_backward_has_no_double_backward(cpp_library) -> None:
     """create_graph gives first derivatives; differentiating them again says there is no formula,
     as the Python formula did, rather than returning a silently wrong second derivative."""
     x, offset, weight, bias, mask, s, p, d = _op_args(GEOMETRIES["plain"])
-    (grad_x,) = torch.autograd.grad(OP(x, offset, weight, bias, mask, s, p, d).sum(), x, create_graph=True)
+    out = OP(x, offset, weight, bias, mask, s, p, d)
+    assert type(out.grad_fn).__name__ == "CppFunction"
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         grad_x.sum().backward()
+
+
+def test_cpp_autograd_refuses_forward_mode(cpp_library) -> None:
+    """Forward-mode AD has no formula: the C++ autograd says so (the Python formula returned no tangent)."""
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"])
+    )
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+        OP(forward_ad.make_dual(x, torch.ones_like(x)), offset, weight, bias, mask, s, p, d)
 
 
 def _bad_arguments() -> dict[str, tuple]:
@@ -348,6 +396,7 @@ def _bad_arguments() -> dict[str, tuple]:
         "negative_padding": dict(padding=[1, -1]),
         "dilation_zero": dict(dilation=[1, 0]),
         "three_strides": dict(stride=[1, 1, 1]),
+        "no_input_channels": dict(input=torch.randn(2, 0, 6, 6)),
         "weight_channels": dict(weight=torch.randn(4, 3, 3, 3)),
         "weight_groups": dict(weight=torch.randn(5, 2, 3, 3)),
         "offset_channels": dict(offset=torch.randn(2, 17, 6, 6)),
@@ -359,29 +408,42 @@ def _bad_arguments() -> dict[str, tuple]:
         "mask_shape": dict(mask=torch.rand(2, 9, 6, 5)),
         "bias_shape": dict(bias=torch.randn(3)),
         "integer_weight": dict(weight=weight.long()),
+        "uint16_input": dict(input=torch.zeros(2, 4, 6, 6, dtype=torch.uint16)),
+        "complex_offset": dict(offset=offset.to(torch.complex64)),
+        "bool_mask": dict(mask=torch.ones(2, 9, 6, 6, dtype=torch.bool)),
+        "float8_bias": dict(bias=torch.zeros(4).to(torch.float8_e4m3fn)),
     }
     order = ("input", "offset", "weight", "bias", "mask", "stride", "padding", "dilation")
     return {name: tuple((good | geometry | change)[k] for k in order) for name, change in cases.items()}
 
 
+def _errors(kernels: str, call: Callable[[], object]) -> str:
+    previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(kernels == "cpp")
+    try:
+        with pytest.raises(RuntimeError) as error:
+            call()
+        return str(error.value)
+    finally:
+        torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
+
+
 @pytest.mark.parametrize("case", sorted(_bad_arguments()))
-def test_cpp_and_python_argument_checks_say_the_same(case: str) -> None:
+def test_cpp_and_python_argument_checks_say_the_same(cpp_library, case: str) -> None:
     """The C++ kernels repeat the Python argument checks: the same error, word for word, for the op
     and for its backward."""
     args = _bad_arguments()[case]
-    messages = {}
-    for kernels in ("cpp", "python"):
-        previous = torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(kernels == "cpp")
-        try:
-            with pytest.raises(RuntimeError) as forward_error:
-                OP(*args)
-            grad_out = torch.randn(2, 4, 6, 6)
-            with pytest.raises(RuntimeError) as backward_error:
-                BACKWARD_OP(grad_out, *args, [True] * 5)
-        finally:
-            torch.ops.dcn_experiments_cpu.set_public_cpu_kernels(previous)
-        messages[kernels] = (str(forward_error.value), str(backward_error.value))
-    assert messages["cpp"] == messages["python"]
-    assert messages["cpp"][0].startswith("deform_conv2d: ") and "\n" not in messages["cpp"][0].replace(
-        "\nGot offset.shape", ""
+    grad_out = torch.randn(2, 4, 6, 6)
+    for call in (lambda: OP(*args), lambda: BACKWARD_OP(grad_out, *args, [True] * 5)):
+        cpp, python = _errors("cpp", call), _errors("python", call)
+        assert cpp == python
+        assert cpp.startswith("deform_conv2d: ") and "\n" not in cpp.replace("\nGot offset.shape", "")
+
+
+@pytest.mark.parametrize("values", [4, 6])
+def test_backward_op_wants_five_output_mask_values(cpp_library, values: int) -> None:
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"])
     )
+    args = (torch.randn(2, 6, 7, 7, dtype=torch.float64), x, offset, weight, bias, mask, s, p, d, [True] * values)
+    cpp, python = (_errors(kernels, lambda: BACKWARD_OP(*args)) for kernels in ("cpp", "python"))
+    assert cpp == python == f"deform_conv2d_backward: output_mask must have 5 values, got {values}"

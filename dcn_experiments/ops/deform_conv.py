@@ -1,7 +1,8 @@
 """``deform_conv2d``: torchvision's deformable convolution signature and results, as a PyTorch custom op.
 
 ``torch.ops.dcn_experiments.deform_conv2d`` (and ``...deform_conv2d_backward``) are registered
-through ``torch.library``: a schema, a CPU and a CUDA kernel, a fake kernel (shapes only, for
+through ``torch.library``: a schema, a default kernel (which serves CPU tensors until the C++ library
+is loaded, and the reference elsewhere), a CUDA kernel, a fake kernel (shapes only, for
 ``torch.compile`` / ``torch.export``) and autograd. Behind the kernels sit three implementations:
 
 * ``cpu-extension``: a C++ kernel (``deform_conv2d_cpu.cpp``) built on first use with
@@ -220,6 +221,8 @@ def _check_arguments(
         )
     n, c, h, w = input.shape
     out_c, c_per_group, kh, kw = weight.shape
+    if c == 0:
+        raise RuntimeError(f"deform_conv2d: input must have at least one channel, got shape {tuple(input.shape)}")
     if c_per_group == 0 or c % c_per_group != 0:
         raise RuntimeError(f"deform_conv2d: input channels ({c}) must be divisible by weight.shape[1] ({c_per_group})")
     groups = c // c_per_group
@@ -384,6 +387,8 @@ def _grad_like(grad: Tensor | None, like: Tensor | None, needed: bool, layout: C
 
 
 def _needed(output_mask: Sequence[bool], bias: Tensor | None, mask: Tensor | None) -> tuple[bool, ...]:
+    if len(output_mask) != 5:
+        raise RuntimeError(f"deform_conv2d_backward: output_mask must have 5 values, got {len(output_mask)}")
     need = tuple(bool(b) for b in output_mask)
     return need[0], need[1], need[2], need[3] and bias is not None, need[4] and mask is not None
 

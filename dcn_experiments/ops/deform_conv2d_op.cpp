@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -80,9 +81,14 @@ std::string python_dtype(at::ScalarType type) {  // str(dtype): "torch.float32"
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(type);
+    default: {  // c10's name in lower case is Python's for the rest: UInt16 -> uint16, Float8_e5m2 -> float8_e5m2
+      std::string name = c10::toString(type);
+      std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::tolower(ch); });
+      return "torch." + name;
+    }
   }
 }
 
@@ -136,6 +142,7 @@ Arguments validated(const Tensor& input, const Tensor& offset, const Tensor& wei
               ", padding=", python_tuple(padding), ", dilation=", python_tuple(dilation));
   const int64_t n = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   const int64_t out_c = weight.size(0), c_per_group = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(c != 0, "deform_conv2d: input must have at least one channel, got shape ", python_tuple(input.sizes()));
   TORCH_CHECK(c_per_group != 0 && c % c_per_group == 0, "deform_conv2d: input channels (", c,
               ") must be divisible by weight.shape[1] (", c_per_group, ")");
   const int64_t groups = c / c_per_group;
