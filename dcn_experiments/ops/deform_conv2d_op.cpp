@@ -7,9 +7,10 @@
 // CompositeExplicitAutograd and Autograd keys; the CPU and AutogradCPU kernels below take precedence
 // for CPU tensors. They do the same work as the Python ones -- the same argument checks and messages,
 // the same compute-dtype rule, memory formats and per-call counts -- without a trip through Python per
-// call (the Python layer cost ~0.24 ms per forward+backward of a tiny layer; scripts/bench_op_overhead.py). Fake tensors (torch.compile,
-// torch.export) still reach the Python fake kernel: the autograd kernel calls both operators through
-// the dispatcher, so tracing records them as nodes, as the Python formula does.
+// call (the Python layer cost ~0.24 ms per forward+backward of a tiny layer; see
+// scripts/bench_op_overhead.py). Fake tensors (torch.compile, torch.export) still reach the Python
+// fake kernel: the autograd kernel calls both operators through the dispatcher, so tracing records
+// them as nodes, as the Python formula does.
 //
 // The checks mirror _validated and _check_arguments in deform_conv.py message for message (a test
 // compares both on every bad input); the arithmetic is in deform_conv2d_cpu.cpp, reached through its
