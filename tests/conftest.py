@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
+SCRIPTS = REPO / "scripts"
 SHARED_DATA = REPO.parent / "shared" / "data"
 # Shrinks any run to seconds without experiment=smoke (whose keys are shapes-specific).
 FAST = (
@@ -46,6 +49,20 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` with ``args`` in a subprocess, output captured as text."""
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def import_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 @pytest.fixture

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "bench_op_overhead.py"
+from .conftest import import_script, run_script
 
 
 def test_bench_op_overhead_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rounds", "1", "--layers", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("bench_op_overhead.py", "--rounds", "1", "--layers", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["row"], r["phase"]) for r in rows] == [
@@ -38,11 +30,7 @@ def test_bench_op_overhead_writes_every_row(tmp_path: Path) -> None:
 def test_each_arm_runs_the_path_it_names() -> None:
     """Switched for the ``op`` arm, the calls are served by the C++ kernels (which count their calls,
     and whose autograd is a CppFunction); switched for the Python arm, they are not."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_op_overhead
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    bench_op_overhead = import_script("bench_op_overhead")
     from dcn_experiments.ops import cpu_extension_available
 
     assert cpu_extension_available()
@@ -65,11 +53,6 @@ def test_each_arm_runs_the_path_it_names() -> None:
 
 
 def test_bench_op_overhead_rejects_thread_clock_on_two_threads(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--threads", "2", "--out", str(tmp_path / "x.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script("bench_op_overhead.py", "--threads", "2", "--out", str(tmp_path / "x.json"), timeout=120)
     assert result.returncode == 2 and "--clock thread measures the calling thread only" in result.stderr
     assert not (tmp_path / "x.json").exists()

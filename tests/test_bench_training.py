@@ -4,25 +4,19 @@ end to end (tiny models) and its ceiling arm keeps the offset branches in traini
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "bench_training.py"
+from .conftest import import_script, run_script
 
 
 def test_bench_training_writes_every_arm(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     tiny = ["--resnet-width", "8", "--resnet-batch", "2", "--unet-batch", "2", "--unet-size", "32"]
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rounds", "1", "--steps", "1", "--threads", "1", *tiny, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_script(
+        "bench_training.py", "--rounds", "1", "--steps", "1", "--threads", "1", *tiny, "--out", str(out)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -36,22 +30,13 @@ def test_bench_training_writes_every_arm(tmp_path: Path) -> None:
 
 
 def test_bench_training_rejects_an_unknown_model(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--models", "vgg", "--out", str(tmp_path / "x.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script("bench_training.py", "--models", "vgg", "--out", str(tmp_path / "x.json"), timeout=120)
     assert result.returncode == 2 and "--models takes resnet34 and/or unet" in result.stderr
     assert not (tmp_path / "x.json").exists()
 
 
 def test_zero_cost_arm_trains_the_offset_branch_and_outputs_the_regular_convolution() -> None:
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from bench_training import build_arm
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    build_arm = import_script("bench_training").build_arm
     from dcn_experiments.models.conv import DeformConv2d
 
     args = types.SimpleNamespace(unet_width=8, unet_batch=2, unet_size=32, channels_last=False)
