@@ -145,11 +145,11 @@ void plan_rows(const Geometry& g, const scalar_t* offset, const scalar_t* mask, 
         p.index[1][i] = ((at + 2) & vy0 & vx1) - 1;
         p.index[2][i] = ((at + W + 1) & vy1 & vx0) - 1;
         p.index[3][i] = ((at + W + 2) & vy1 & vx1) - 1;
-        const scalar_t m = kMaskInWeights ? msk[i] : scalar_t(1);
-        p.weight[0][i] = kMaskInWeights ? (hy * hx) * m : hy * hx;
-        p.weight[1][i] = kMaskInWeights ? (hy * lx) * m : hy * lx;
-        p.weight[2][i] = kMaskInWeights ? (ly * hx) * m : ly * hx;
-        p.weight[3][i] = kMaskInWeights ? (ly * lx) * m : ly * lx;
+        const scalar_t in_weights = kMaskInWeights ? msk[i] : scalar_t(1);  // x * 1 is exact: x
+        p.weight[0][i] = (hy * hx) * in_weights;
+        p.weight[1][i] = (hy * lx) * in_weights;
+        p.weight[2][i] = (ly * hx) * in_weights;
+        p.weight[3][i] = (ly * lx) * in_weights;
         p.mask[i] = msk[i];
         p.ly[i] = ly;
         p.lx[i] = lx;
