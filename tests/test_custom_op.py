@@ -439,6 +439,16 @@ def test_cpp_and_python_argument_checks_say_the_same(cpp_library, case: str) -> 
         assert cpp.startswith("deform_conv2d: ") and "\n" not in cpp.replace("\nGot offset.shape", "")
 
 
+def test_backward_op_checks_the_gradient_dtype_as_the_python_kernel_does(cpp_library) -> None:
+    x, offset, weight, bias, mask, s, p, d = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args(GEOMETRIES["plain"], dtype=torch.float32)
+    )
+    args = (torch.ones(2, 6, 7, 7, dtype=torch.int64), x, offset, weight, bias, mask, s, p, d, [True] * 5)
+    cpp, python = (_errors(kernels, lambda: BACKWARD_OP(*args)) for kernels in ("cpp", "python"))
+    assert cpp == python
+    assert python.startswith("deform_conv2d: expected floating-point tensors, got [torch.int64, torch.float32")
+
+
 @pytest.mark.parametrize("values", [4, 6])
 def test_backward_op_wants_five_output_mask_values(cpp_library, values: int) -> None:
     x, offset, weight, bias, mask, s, p, d = (

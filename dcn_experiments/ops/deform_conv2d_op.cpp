@@ -104,7 +104,20 @@ int64_t floor_divide(int64_t a, int64_t b) {  // Python's a // b (b > 0)
 struct Arguments {
   std::array<int64_t, 2> stride, padding, dilation;
   int64_t offset_groups;
+  // float64 if any tensor is, else float32 (deform_conv.py's _compute_dtype for the CPU kernel).
+  at::ScalarType compute_dtype;
 };
+
+bool is_floating(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// Throws "deform_conv2d: expected floating-point tensors, got [torch.float32, torch.int64]" for `tensors`.
+void fail_not_floating(const std::vector<Tensor>& tensors) {
+  std::ostringstream s;
+  for (size_t i = 0; i < tensors.size(); ++i) s << (i ? ", " : "") << python_dtype(tensors[i].scalar_type());
+  TORCH_CHECK(false, "deform_conv2d: expected floating-point tensors, got [", s.str(), "]");
+}
 
 std::array<int64_t, 2> pair_of(const char* name, c10::SymIntArrayRef values) {
   const std::vector<int64_t> concrete = C10_AS_INTARRAYREF_SLOW(values).vec();
@@ -128,7 +141,8 @@ std::vector<Tensor> present(std::initializer_list<const Tensor*> tensors, const 
 Arguments validated(const Tensor& input, const Tensor& offset, const Tensor& weight, const OptionalTensor& bias_,
                     const OptionalTensor& mask_, c10::SymIntArrayRef stride_, c10::SymIntArrayRef padding_,
                     c10::SymIntArrayRef dilation_) {
-  Arguments a{pair_of("stride", stride_), pair_of("padding", padding_), pair_of("dilation", dilation_), 0};
+  Arguments a{pair_of("stride", stride_), pair_of("padding", padding_), pair_of("dilation", dilation_), 0,
+              at::kFloat};
   const bool has_bias = bias_.has_value() && bias_->defined(), has_mask = mask_.has_value() && mask_->defined();
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"input", &input}, {"offset", &offset},
                                 {"weight", &weight}}) {
@@ -178,28 +192,16 @@ Arguments validated(const Tensor& input, const Tensor& offset, const Tensor& wei
   bool one_device = true, floating = true;
   for (const Tensor& t : tensors) {
     one_device = one_device && t.device() == input.device();
-    floating = floating && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                            t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf);
+    floating = floating && is_floating(t.scalar_type());
+    if (t.scalar_type() == at::kDouble) a.compute_dtype = at::kDouble;
   }
   if (!one_device) {
     std::ostringstream s;
     for (size_t i = 0; i < tensors.size(); ++i) s << (i ? ", '" : "'") << tensors[i].device().str() << "'";
     TORCH_CHECK(false, "deform_conv2d: all tensors must be on one device, got [", s.str(), "]");
   }
-  if (!floating) {
-    std::ostringstream s;
-    for (size_t i = 0; i < tensors.size(); ++i) s << (i ? ", " : "") << python_dtype(tensors[i].scalar_type());
-    TORCH_CHECK(false, "deform_conv2d: expected floating-point tensors, got [", s.str(), "]");
-  }
+  if (!floating) fail_not_floating(tensors);
   return a;
-}
-
-// float64 if any tensor is, else float32 (deform_conv.py's _compute_dtype for the CPU kernel).
-at::ScalarType compute_dtype(const std::vector<Tensor>& tensors) {
-  for (const Tensor& t : tensors) {
-    if (t.scalar_type() == at::kDouble) return at::kDouble;
-  }
-  return at::kFloat;
 }
 
 Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
@@ -265,7 +267,7 @@ Tensor forward_cpu(const Tensor& input, const Tensor& offset, const Tensor& weig
         .toTensor();
   }
   const Arguments a = validated(input, offset, weight, bias, mask, stride, padding, dilation);
-  const at::ScalarType dtype = compute_dtype(present({&input, &offset, &weight}, bias, mask));
+  const at::ScalarType dtype = a.compute_dtype;
   (dtype == at::kDouble ? calls_float64 : calls_float32).fetch_add(1, std::memory_order_relaxed);
   Tensor out = raw_forward(cast(input, dtype), cast(weight, dtype), cast(bias, dtype), cast(offset, dtype),
                            cast(mask, dtype), a);
@@ -298,8 +300,11 @@ Gradients backward_cpu(const Tensor& grad_out, const Tensor& input, const Tensor
               output_mask.size());
   const std::array<bool, 5> need{output_mask[0], output_mask[1], output_mask[2], output_mask[3] && has_bias,
                                  output_mask[4] && has_mask};
-  std::vector<Tensor> tensors = present({&grad_out, &input, &offset, &weight}, bias, mask);
-  const at::ScalarType dtype = compute_dtype(tensors);
+  // The Python kernel checks grad_out with the others, listed first.
+  if (!is_floating(grad_out.scalar_type())) {
+    fail_not_floating(present({&grad_out, &input, &offset, &weight}, bias, mask));
+  }
+  const at::ScalarType dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : a.compute_dtype;
   const auto [grad_input, grad_offset, grad_mask, grad_weight, grad_bias] =
       raw_backward(cast(grad_out, dtype), cast(input, dtype), cast(weight, dtype), cast(offset, dtype),
                    cast(mask, dtype), a, need);
